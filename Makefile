@@ -1,0 +1,33 @@
+# `make test` and `make demo` work on a fresh clone: they create .venv on first use.
+# torch goes in first and pinned, so that the later install finds it satisfied instead of
+# pulling the newest build (several GB of CUDA packages) through diffusers.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: test lint format schemas clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e '.[embedded,dev]'
+	touch $@
+
+test: $(BIN)/.installed lint
+	$(BIN)/pytest
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(BIN)/.installed
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+schemas: $(BIN)/.installed
+	$(BIN)/python -m schemas.export
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Settings, topics, client factories, the object store and the embedded stack."""

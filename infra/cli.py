@@ -1,0 +1,88 @@
+"""The `imagegen` command line. Each package adds its own commands to `app`."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from infra.embedded import EmbeddedStack
+from infra.errors import ImagegenError
+from infra.provision import provision
+from infra.settings import load_settings
+
+console = Console(soft_wrap=True)
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Image generation through Kafka: submit requests, run processors and workers, "
+    "operate the embedded stack.",
+)
+stack_app = typer.Typer(
+    no_args_is_help=True,
+    help="The embedded Kafka broker (Tansu) and S3 server (moto), for development and tests. "
+    "Uses the addresses in IMAGEGEN_KAFKA_BOOTSTRAP and IMAGEGEN_S3_ENDPOINT.",
+)
+app.add_typer(stack_app, name="stack")
+
+
+@app.command("init")
+def init() -> None:
+    """Create the topics and the bucket where the settings point (harmless when they exist)."""
+    provision(load_settings(), progress=console.print)
+
+
+@stack_app.command("up")
+def stack_up(
+    timeout: float = typer.Option(30.0, help="Seconds to wait for each service to answer."),
+) -> None:
+    """Start the broker and the object store (harmless when they already run)."""
+    settings = load_settings()
+    EmbeddedStack(settings).up(timeout_s=timeout, progress=console.print)
+    console.print(
+        f"[green]stack is up[/green]: IMAGEGEN_KAFKA_BOOTSTRAP={settings.kafka_bootstrap} "
+        f"IMAGEGEN_S3_ENDPOINT={settings.s3_endpoint} (bucket {settings.s3_bucket})"
+    )
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Report both services; exit 1 unless both run and answer."""
+    table = Table("service", "address", "pid", "answering", "log")
+    healthy = True
+    for status in EmbeddedStack(load_settings()).status():
+        healthy &= status.pid is not None and status.answering
+        table.add_row(
+            status.service.name,
+            status.service.address,
+            str(status.pid) if status.pid else "[red]not running[/red]",
+            "[green]yes[/green]" if status.answering else "[red]no[/red]",
+            str(status.log),
+        )
+    console.print(table)
+    if not healthy:
+        raise typer.Exit(1)
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop both services."""
+    stopped = EmbeddedStack(load_settings()).down()
+    if not stopped:
+        console.print("nothing was running")
+    for service in stopped:
+        console.print(f"stopped {service.name} at {service.address}")
+
+
+def main() -> None:
+    """Console-script entry point: project errors print as one line and exit 2."""
+    try:
+        app()
+    except ImagegenError as exc:
+        Console(stderr=True).print(
+            f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
+        sys.exit(2)

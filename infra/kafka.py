@@ -1,0 +1,91 @@
+"""Kafka client factories with safe defaults set in code.
+
+- Producers are idempotent with acks=all: a retried send never duplicates or reorders records.
+- Consumers never store an offset on their own (`enable.auto.offset.store=false`). The owner
+  calls `consumer.store_offsets(message)` once the message is fully handled, and the
+  background auto-commit only ever commits stored offsets. A crash therefore replays
+  unfinished work instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka.admin import AdminClient
+
+from infra.errors import BrokerUnavailable
+from infra.settings import Settings, split_host_port
+
+# librdkafka logs through Python logging, so its output follows the process's log settings.
+_librdkafka_log = logging.getLogger("imagegen.librdkafka")
+
+
+def _base(settings: Settings, role: str) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "client.id": f"imagegen-{role}-{socket.gethostname()}",
+        "logger": _librdkafka_log,
+        **settings.kafka_security(),
+    }
+
+
+def make_producer(settings: Settings, **overrides: Any) -> Producer:
+    config = {
+        **_base(settings, "producer"),
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        **overrides,
+    }
+    return Producer(config)
+
+
+def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> Consumer:
+    config = {
+        **_base(settings, "consumer"),
+        "group.id": group_id,
+        "enable.auto.offset.store": False,
+        "enable.auto.commit": True,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": settings.kafka_session_timeout_ms,
+        **overrides,
+    }
+    return Consumer(config)
+
+
+def make_admin(settings: Settings, **overrides: Any) -> AdminClient:
+    return AdminClient({**_base(settings, "admin"), **overrides})
+
+
+def check_broker(settings: Settings, timeout_s: float = 5.0) -> None:
+    """Raise `BrokerUnavailable`, saying what to do, unless the cluster answers in time."""
+    advice = (
+        "Start the embedded one with `imagegen stack up`, or point IMAGEGEN_KAFKA_BOOTSTRAP at "
+        "your cluster."
+    )
+    # A plain connect first: librdkafka would log every refused reconnect while it waits.
+    if not any(
+        _accepts_connections(address, timeout_s) for address in settings.kafka_bootstrap.split(",")
+    ):
+        raise BrokerUnavailable(
+            f"no Kafka broker accepts connections at {settings.kafka_bootstrap}. {advice}"
+        )
+    try:
+        make_admin(settings).list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        raise BrokerUnavailable(
+            f"no Kafka broker answered at {settings.kafka_bootstrap} within {timeout_s:g}s "
+            f"({exc.args[0].str()}). {advice}"
+        ) from exc
+
+
+def _accepts_connections(address: str, timeout_s: float) -> bool:
+    host, port = split_host_port(address.strip(), "IMAGEGEN_KAFKA_BOOTSTRAP")
+    try:
+        socket.create_connection((host, port), timeout=min(timeout_s, 2.0)).close()
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,111 @@
+"""Settings, read from `IMAGEGEN_*` environment variables.
+
+One plain typed object: every process builds it once with `load_settings()` and passes it down.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from infra.errors import ConfigError
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
+def split_host_port(address: str, setting: str) -> tuple[str, int]:
+    """Split "host:port", naming the setting when the address is malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{setting}={address!r} is not host:port (for example 127.0.0.1:9092)")
+    return host, int(port)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMAGEGEN_", extra="ignore", frozen=True)
+
+    # Kafka. The security settings pass straight through to real clusters.
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_ca_location: str | None = None
+    kafka_ssl_certificate_location: str | None = None
+    kafka_ssl_key_location: str | None = None
+    kafka_ssl_key_password: SecretStr | None = None
+    kafka_session_timeout_ms: int = Field(default=45_000, ge=1_000)
+    # -1 lets the cluster pick its default.replication.factor.
+    topic_replication_factor: int = Field(default=-1, ge=-1)
+
+    # Object store (MinIO or any S3).
+    s3_endpoint: str = "127.0.0.1:9000"
+    s3_access_key: str = "minioadmin"
+    s3_secret_key: SecretStr = SecretStr("minioadmin")
+    s3_bucket: str = "images"
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+
+    # Where `imagegen stack` keeps pid files and logs of the embedded stack.
+    state_dir: str = ".imagegen"
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap_has_ports(cls, value: str) -> str:
+        for address in value.split(","):
+            split_host_port(address.strip(), "IMAGEGEN_KAFKA_BOOTSTRAP")
+        return value
+
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _endpoint_is_host_port(cls, value: str) -> str:
+        if "://" in value:
+            raise ValueError(
+                f"IMAGEGEN_S3_ENDPOINT={value!r} must be host:port without a scheme; "
+                "set IMAGEGEN_S3_SECURE=true for https"
+            )
+        split_host_port(value, "IMAGEGEN_S3_ENDPOINT")
+        return value
+
+    def kafka_security(self) -> dict[str, str]:
+        """librdkafka properties for the cluster's security settings."""
+        config: dict[str, str] = {"security.protocol": self.kafka_security_protocol}
+        uses_sasl = self.kafka_security_protocol.startswith("SASL")
+        if uses_sasl:
+            if not (self.kafka_sasl_mechanism and self.kafka_sasl_username):
+                raise ConfigError(
+                    f"IMAGEGEN_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                    "IMAGEGEN_KAFKA_SASL_MECHANISM, IMAGEGEN_KAFKA_SASL_USERNAME and "
+                    "IMAGEGEN_KAFKA_SASL_PASSWORD"
+                )
+            config["sasl.mechanism"] = self.kafka_sasl_mechanism
+            config["sasl.username"] = self.kafka_sasl_username
+            if self.kafka_sasl_password is not None:
+                config["sasl.password"] = self.kafka_sasl_password.get_secret_value()
+        optional = {
+            "ssl.ca.location": self.kafka_ssl_ca_location,
+            "ssl.certificate.location": self.kafka_ssl_certificate_location,
+            "ssl.key.location": self.kafka_ssl_key_location,
+            "ssl.key.password": (
+                self.kafka_ssl_key_password.get_secret_value()
+                if self.kafka_ssl_key_password
+                else None
+            ),
+        }
+        config.update({key: value for key, value in optional.items() if value is not None})
+        return config
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings from the environment; `overrides` win over it."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"IMAGEGEN_{'_'.join(str(part) for part in error['loc']).upper()}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from None

@@ -1,0 +1,26 @@
+"""Wire contracts, version 1: what travels on the `imagegen.*` topics.
+
+JSON Schema files generated from these models live in `schemas/json/` (`make schemas`).
+"""
+
+from schemas.codec import MAX_MESSAGE_BYTES, decode, encode
+from schemas.dead_letters import DeadLetter, Stage
+from schemas.fields import SCHEMA_VERSION, new_request_id
+from schemas.requests import GenerationRequest, OutputFormat
+from schemas.results import GenerationResult, Reason, Status, Timings
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "SCHEMA_VERSION",
+    "DeadLetter",
+    "GenerationRequest",
+    "GenerationResult",
+    "OutputFormat",
+    "Reason",
+    "Stage",
+    "Status",
+    "Timings",
+    "decode",
+    "encode",
+    "new_request_id",
+]

@@ -1,0 +1,33 @@
+"""Write the JSON Schema files of the wire contract: `python -m schemas.export`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from schemas.requests import GenerationRequest
+from schemas.results import GenerationResult
+
+JSON_DIR = Path(__file__).parent / "json"
+CONTRACTS: dict[str, type[BaseModel]] = {
+    "generation_request.v1.json": GenerationRequest,
+    "generation_result.v1.json": GenerationResult,
+}
+
+
+def render(model: type[BaseModel]) -> str:
+    schema = model.model_json_schema(mode="serialization")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def main() -> None:
+    for filename, model in CONTRACTS.items():
+        (JSON_DIR / filename).write_text(render(model))
+        print(f"wrote {JSON_DIR / filename}")
+
+
+if __name__ == "__main__":
+    main()

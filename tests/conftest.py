@@ -1,0 +1,92 @@
+"""The test stack: a real Kafka-protocol broker and a real S3 server, never mocks.
+
+Where they come from, in order:
+- `IMAGEGEN_TEST_STACK=docker`: Apache Kafka and MinIO containers from testcontainers;
+- `IMAGEGEN_KAFKA_BOOTSTRAP` / `IMAGEGEN_S3_ENDPOINT` set: whatever they point at;
+- otherwise: the embedded stack (Tansu and moto) on free ports, stopped after the session.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from infra.embedded import EmbeddedStack
+from infra.provision import provision
+from infra.settings import Settings, load_settings
+
+# Tansu holds a group's first join for half the session timeout: keep it short in tests.
+TEST_SESSION_TIMEOUT_MS = 3000
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Environment that points a child process (the CLI, a worker) at `settings`' stack."""
+    return {
+        **os.environ,
+        "IMAGEGEN_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "IMAGEGEN_S3_ENDPOINT": settings.s3_endpoint,
+        "IMAGEGEN_S3_ACCESS_KEY": settings.s3_access_key,
+        "IMAGEGEN_S3_SECRET_KEY": settings.s3_secret_key.get_secret_value(),
+        "IMAGEGEN_S3_BUCKET": settings.s3_bucket,
+        "IMAGEGEN_STATE_DIR": settings.state_dir,
+        "IMAGEGEN_KAFKA_SESSION_TIMEOUT_MS": str(settings.kafka_session_timeout_ms),
+    }
+
+
+def _docker_stack() -> Iterator[Settings]:
+    from testcontainers.community.kafka import KafkaContainer
+    from testcontainers.community.minio import MinioContainer
+
+    minio_image = "quay.io/minio/minio:RELEASE.2025-09-07T16-13-09Z"
+    with (
+        KafkaContainer("confluentinc/cp-kafka:7.6.0").with_kraft() as kafka,
+        MinioContainer(image=minio_image) as minio,
+    ):
+        config = minio.get_config()
+        settings = load_settings(
+            kafka_bootstrap=kafka.get_bootstrap_server(),
+            s3_endpoint=config["endpoint"],
+            s3_access_key=config["access_key"],
+            s3_secret_key=config["secret_key"],
+            kafka_session_timeout_ms=TEST_SESSION_TIMEOUT_MS,
+        )
+        provision(settings, progress=lambda _: None)
+        yield settings
+
+
+def _embedded_stack(state_dir: Path) -> Iterator[Settings]:
+    settings = load_settings(
+        kafka_bootstrap=f"127.0.0.1:{free_port()}",
+        s3_endpoint=f"127.0.0.1:{free_port()}",
+        state_dir=str(state_dir),
+        kafka_session_timeout_ms=TEST_SESSION_TIMEOUT_MS,
+    )
+    stack = EmbeddedStack(settings)
+    stack.up(progress=lambda _: None)
+    try:
+        yield settings
+    finally:
+        stack.down()
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Settings pointing at a running, provisioned broker and object store."""
+    if os.environ.get("IMAGEGEN_TEST_STACK") == "docker":
+        yield from _docker_stack()
+    elif "IMAGEGEN_KAFKA_BOOTSTRAP" in os.environ or "IMAGEGEN_S3_ENDPOINT" in os.environ:
+        configured = load_settings(kafka_session_timeout_ms=TEST_SESSION_TIMEOUT_MS)
+        provision(configured, progress=lambda _: None)
+        yield configured
+    else:
+        yield from _embedded_stack(tmp_path_factory.mktemp("stack"))
