@@ -13,6 +13,7 @@ from infra.embedded import EmbeddedStack
 from infra.errors import ImagegenError
 from infra.provision import provision
 from infra.settings import load_settings
+from producers.cli import submit
 
 console = Console(soft_wrap=True)
 app = typer.Typer(
@@ -27,6 +28,7 @@ stack_app = typer.Typer(
     "Uses the addresses in IMAGEGEN_KAFKA_BOOTSTRAP and IMAGEGEN_S3_ENDPOINT.",
 )
 app.add_typer(stack_app, name="stack")
+app.command("submit")(submit)
 
 
 @app.command("init")

@@ -35,6 +35,10 @@ class BrokerUnavailable(ImagegenError):
     transient = True
 
 
+class PublishError(ImagegenError):
+    """The broker refused a record for a reason that retrying will not fix."""
+
+
 class ObjectStoreUnavailable(ImagegenError):
     """The object store did not answer, or answered with a server-side error."""
 

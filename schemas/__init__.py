@@ -3,7 +3,7 @@
 JSON Schema files generated from these models live in `schemas/json/` (`make schemas`).
 """
 
-from schemas.codec import MAX_MESSAGE_BYTES, decode, encode
+from schemas.codec import MAX_MESSAGE_BYTES, build, decode, encode
 from schemas.dead_letters import DeadLetter, Stage
 from schemas.fields import SCHEMA_VERSION, new_request_id
 from schemas.requests import GenerationRequest, OutputFormat
@@ -20,6 +20,7 @@ __all__ = [
     "Stage",
     "Status",
     "Timings",
+    "build",
     "decode",
     "encode",
     "new_request_id",

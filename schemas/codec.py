@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -39,12 +40,24 @@ def decode(model: type[Model], data: bytes | None) -> Model:
     try:
         return model.model_validate_json(data)
     except ValidationError as exc:
-        problems = [_describe(error) for error in exc.errors(include_url=False)]
-        summary = "; ".join(f"{field}: {text}" if field else text for field, text in problems)
-        raise InvalidMessage(f"invalid {name}: {summary}", problems) from None
+        raise _invalid(name, exc) from None
 
 
-def _describe(error: dict) -> tuple[str, str]:
+def build(model: type[Model], fields: Mapping[str, Any]) -> Model:
+    """Validate Python values as `model`, with the same errors as `decode`."""
+    try:
+        return model.model_validate(dict(fields))
+    except ValidationError as exc:
+        raise _invalid(model.__name__, exc) from None
+
+
+def _invalid(name: str, exc: ValidationError) -> InvalidMessage:
+    problems = [_describe(error) for error in exc.errors(include_url=False)]
+    summary = "; ".join(f"{field}: {text}" if field else text for field, text in problems)
+    return InvalidMessage(f"invalid {name}: {summary}", problems)
+
+
+def _describe(error: Mapping[str, Any]) -> tuple[str, str]:
     field = ".".join(str(part) for part in error["loc"])
     kind = error["type"]
     message = error["msg"].removeprefix("Value error, ")

@@ -6,6 +6,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.codec import build
 from schemas.fields import (
     SCHEMA_VERSION,
     IdempotencyKey,
@@ -51,10 +52,13 @@ class GenerationRequest(BaseModel):
 
     @classmethod
     def new(cls, **fields: Any) -> Self:
-        """A request with `request_id` and `submitted_at` filled in unless given."""
+        """A request with `request_id` and `submitted_at` filled in unless given.
+
+        Raises `InvalidMessage` naming every bad field.
+        """
         fields.setdefault("request_id", new_request_id())
         fields.setdefault("submitted_at", utc_now())
-        return cls(**fields)
+        return build(cls, fields)
 
     @property
     def kafka_key(self) -> bytes:

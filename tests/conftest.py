@@ -9,7 +9,6 @@ Where they come from, in order:
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,15 +17,10 @@ import pytest
 from infra.embedded import EmbeddedStack
 from infra.provision import provision
 from infra.settings import Settings, load_settings
+from tests.helpers import free_port
 
 # Tansu holds a group's first join for half the session timeout: keep it short in tests.
 TEST_SESSION_TIMEOUT_MS = 3000
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

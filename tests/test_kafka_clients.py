@@ -13,6 +13,7 @@ from infra.errors import BrokerUnavailable
 from infra.kafka import check_broker, make_admin, make_consumer, make_producer
 from infra.settings import Settings, load_settings
 from infra.topics import TOPICS, ensure_topics
+from tests.helpers import free_port
 
 
 @pytest.fixture
@@ -93,8 +94,6 @@ def test_ensure_topics_is_idempotent(settings: Settings) -> None:
 
 
 def test_an_unreachable_broker_says_what_to_do() -> None:
-    from tests.conftest import free_port
-
     settings = load_settings(kafka_bootstrap=f"127.0.0.1:{free_port()}")
     with pytest.raises(BrokerUnavailable, match="imagegen stack up"):
         check_broker(settings, timeout_s=1)

@@ -10,7 +10,7 @@ import urllib3
 from infra.errors import ObjectStoreUnavailable
 from infra.object_store import ObjectStore
 from infra.settings import Settings, load_settings
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from infra.settings import Settings
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 IMAGEGEN = [sys.executable, "-m", "infra"]
 

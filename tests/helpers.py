@@ -1,0 +1,46 @@
+"""Helpers shared by the tests: free ports and reading topics back."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import Callable
+
+from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
+
+from infra.kafka import make_consumer
+from infra.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def read_topic(
+    settings: Settings,
+    topic: str,
+    until: Callable[[list[Message]], bool],
+    timeout_s: float = 30.0,
+) -> list[Message]:
+    """Read `topic` from the start of every partition until `until(messages)` holds.
+
+    Each poll blocks on the broker for the next record; nothing sleeps.
+    """
+    consumer = make_consumer(settings, group_id=f"test-reader-{uuid.uuid4()}")
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+    messages: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not until(messages):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{topic}: condition not met after {len(messages)} records")
+            message = consumer.poll(0.5)
+            if message is not None and message.error() is None:
+                messages.append(message)
+    finally:
+        consumer.close()
+    return messages
