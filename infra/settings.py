@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from infra.errors import ConfigError
 
@@ -22,6 +22,13 @@ def split_host_port(address: str, setting: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{setting}={address!r} is not host:port (for example 127.0.0.1:9092)")
     return host, int(port)
+
+
+class RateOverride(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    per_s: float = Field(gt=0)
+    burst: float = Field(ge=1)
 
 
 class Settings(BaseSettings):
@@ -48,6 +55,15 @@ class Settings(BaseSettings):
     s3_bucket: str = "images"
     s3_secure: bool = False
     s3_region: str = "us-east-1"
+
+    # Intake: dedupe memory and rate limits (tokens per second, bucket size).
+    dedupe_window_s: float = Field(default=86_400, gt=0)
+    rate_user_per_s: float = Field(default=2.0, gt=0)
+    rate_user_burst: float = Field(default=10.0, ge=1)
+    rate_global_per_s: float = Field(default=200.0, gt=0)
+    rate_global_burst: float = Field(default=400.0, ge=1)
+    # Per-user tiers: {"user_id": {"per_s": 20, "burst": 50}, ...}
+    rate_user_overrides: dict[str, RateOverride] = Field(default_factory=dict)
 
     # Where `imagegen stack` keeps pid files and logs of the embedded stack.
     state_dir: str = ".imagegen"
@@ -104,8 +120,13 @@ def load_settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"IMAGEGEN_{'_'.join(str(part) for part in error['loc']).upper()}: {error['msg']}"
-            for error in exc.errors()
-        )
+        problems = "; ".join(_describe(error["loc"], error["msg"]) for error in exc.errors())
         raise ConfigError(f"invalid settings: {problems}") from None
+    except SettingsError as exc:
+        raise ConfigError(f"invalid settings: {exc} (this setting takes JSON)") from None
+
+
+def _describe(location: tuple[int | str, ...], message: str) -> str:
+    variable = f"IMAGEGEN_{str(location[0]).upper()}" if location else "settings"
+    inside = ".".join(str(part) for part in location[1:])
+    return f"{variable}: {inside + ': ' if inside else ''}{message}"

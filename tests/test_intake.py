@@ -1,0 +1,174 @@
+"""The intake decision (validate, dedupe, rate limit, admit) as logic over plain dicts.
+
+The same logic runs inside the faust processor over its tables; tests/test_processor.py
+covers that against the real broker.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from infra.settings import load_settings
+from processors.intake import Admit, Answer, Drop, Intake, Invalid
+from schemas import GenerationRequest, Reason, Status, encode
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_intake(clock: Clock, partitions: int = 1, **settings: object) -> Intake:
+    defaults = {
+        "rate_user_per_s": 100.0,
+        "rate_user_burst": 100.0,
+        "rate_global_per_s": 1000.0,
+        "rate_global_burst": 1000.0,
+    }
+    return Intake(load_settings(**{**defaults, **settings}), {}, {}, partitions, clock)
+
+
+def request(**fields: object) -> GenerationRequest:
+    return GenerationRequest.new(**{"user_id": "ann", "prompt": "a boat", **fields})
+
+
+def test_a_fresh_request_is_admitted() -> None:
+    intake = make_intake(Clock())
+    original = request()
+    outcome = intake.decide(encode(original), partition=0, offset=0)
+    assert outcome == Admit(original)
+
+
+def test_a_publish_retry_is_dropped_silently() -> None:
+    intake = make_intake(Clock())
+    original = encode(request())
+    assert isinstance(intake.decide(original, 0, 0), Admit)
+    assert isinstance(intake.decide(original, 0, 1), Drop)
+
+
+def test_redelivery_of_the_admitting_record_is_admitted_again() -> None:
+    intake = make_intake(Clock(), rate_user_burst=1.0, rate_user_per_s=0.001)
+    original = encode(request())
+    assert isinstance(intake.decide(original, 2, 40), Admit)
+    assert isinstance(intake.decide(original, 2, 40), Admit)  # same record: crash replay
+
+
+def test_a_reused_idempotency_key_answers_duplicate_of_the_admitted_request() -> None:
+    intake = make_intake(Clock())
+    first, second = request(idempotency_key="order-1"), request(idempotency_key="order-1")
+    intake.decide(encode(first), 0, 0)
+    outcome = intake.decide(encode(second), 0, 1)
+    assert isinstance(outcome, Answer)
+    assert outcome.result.status is Status.DUPLICATE
+    assert outcome.result.duplicate_of == first.request_id
+    assert outcome.result.request_id == second.request_id
+
+
+def test_idempotency_keys_are_per_user() -> None:
+    intake = make_intake(Clock())
+    intake.decide(encode(request(idempotency_key="k")), 0, 0)
+    outcome = intake.decide(encode(request(user_id="bob", idempotency_key="k")), 0, 1)
+    assert isinstance(outcome, Admit)
+
+
+def test_the_dedupe_window_expires() -> None:
+    clock = Clock()
+    intake = make_intake(clock, dedupe_window_s=60)
+    intake.decide(encode(request(idempotency_key="k")), 0, 0)
+    clock.now += 60
+    assert isinstance(intake.decide(encode(request(idempotency_key="k")), 0, 1), Admit)
+
+
+def test_duplicates_spend_no_tokens() -> None:
+    intake = make_intake(Clock(), rate_user_burst=1.0, rate_user_per_s=0.001)
+    intake.decide(encode(request(idempotency_key="k")), 0, 0)
+    for offset in range(1, 5):
+        outcome = intake.decide(encode(request(idempotency_key="k")), 0, offset)
+        assert outcome.result.status is Status.DUPLICATE
+
+
+def test_user_limit_rejects_with_a_truthful_retry_after() -> None:
+    clock = Clock()
+    intake = make_intake(clock, rate_user_per_s=2.0, rate_user_burst=3.0)
+    outcomes = [intake.decide(encode(request()), 0, i) for i in range(4)]
+    assert [type(o) for o in outcomes] == [Admit, Admit, Admit, Answer]
+    rejected = outcomes[-1].result
+    assert (rejected.status, rejected.reason) == (Status.REJECTED, Reason.RATE_LIMITED)
+    assert rejected.retry_after_ms == 500  # one token at 2/s
+
+    clock.now += 0.499
+    assert isinstance(intake.decide(encode(request()), 0, 4), Answer)
+    clock.now += 0.001
+    assert isinstance(intake.decide(encode(request()), 0, 5), Admit)
+
+
+def test_users_have_separate_buckets() -> None:
+    intake = make_intake(Clock(), rate_user_per_s=1.0, rate_user_burst=1.0)
+    assert isinstance(intake.decide(encode(request(user_id="a")), 0, 0), Admit)
+    assert isinstance(intake.decide(encode(request(user_id="a")), 0, 1), Answer)
+    assert isinstance(intake.decide(encode(request(user_id="b")), 0, 2), Admit)
+
+
+def test_overrides_give_a_user_their_tier() -> None:
+    intake = make_intake(
+        Clock(),
+        rate_user_per_s=1.0,
+        rate_user_burst=1.0,
+        rate_user_overrides={"vip": {"per_s": 10.0, "burst": 5.0}},
+    )
+    vip = [intake.decide(encode(request(user_id="vip")), 0, i) for i in range(6)]
+    assert [type(o) for o in vip] == [Admit] * 5 + [Answer]
+    assert vip[-1].result.retry_after_ms == 100
+
+
+def test_the_global_limit_is_shared_across_partitions() -> None:
+    clock = Clock()
+    intake = make_intake(clock, partitions=4, rate_global_per_s=8.0, rate_global_burst=8.0)
+    # Each partition holds 8/4 = 2 tokens and refills at 2/s, whoever the users are.
+    on_partition_0 = [intake.decide(encode(request(user_id=f"u{i}")), 0, i) for i in range(3)]
+    assert [type(o) for o in on_partition_0] == [Admit, Admit, Answer]
+    assert on_partition_0[-1].result.retry_after_ms == 500
+    assert isinstance(intake.decide(encode(request(user_id="u9")), 1, 0), Admit)
+
+
+def test_a_rejected_request_takes_no_tokens_from_the_other_bucket() -> None:
+    intake = make_intake(
+        Clock(),
+        rate_user_per_s=1.0,
+        rate_user_burst=1.0,
+        rate_global_per_s=2.0,
+        rate_global_burst=2.0,
+    )
+    intake.decide(encode(request(user_id="a")), 0, 0)
+    intake.decide(encode(request(user_id="a")), 0, 1)  # user-limited: global keeps its token
+    assert isinstance(intake.decide(encode(request(user_id="b")), 0, 2), Admit)
+
+
+def test_invalid_bytes_are_dead_lettered_without_an_answer() -> None:
+    outcome = make_intake(Clock()).decide(b"\xff\xfe garbage", 0, 0)
+    assert isinstance(outcome, Invalid) and outcome.result is None
+
+
+@pytest.mark.parametrize("value", [None, b"[]", b'{"request_id": "nope", "user_id": "u"}'])
+def test_unreadable_ids_get_no_answer(value: bytes | None) -> None:
+    outcome = make_intake(Clock()).decide(value, 0, 0)
+    assert isinstance(outcome, Invalid) and outcome.result is None
+
+
+def test_invalid_request_with_readable_ids_is_answered_rejected() -> None:
+    fields = json.loads(encode(request()))
+    fields["steps"] = 1000
+    outcome = make_intake(Clock()).decide(json.dumps(fields).encode(), 0, 0)
+    assert isinstance(outcome, Invalid)
+    assert outcome.result is not None
+    assert (outcome.result.status, outcome.result.reason) == (
+        Status.REJECTED,
+        Reason.INVALID_REQUEST,
+    )
+    assert outcome.result.request_id == fields["request_id"]
+    assert "steps" in outcome.result.detail
