@@ -13,6 +13,7 @@ from infra.embedded import EmbeddedStack
 from infra.errors import ImagegenError
 from infra.provision import provision
 from infra.settings import load_settings
+from processors.cli import processor
 from producers.cli import submit
 
 console = Console(soft_wrap=True)
@@ -29,6 +30,7 @@ stack_app = typer.Typer(
 )
 app.add_typer(stack_app, name="stack")
 app.command("submit")(submit)
+app.command("processor")(processor)
 
 
 @app.command("init")

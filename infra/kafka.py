@@ -38,6 +38,9 @@ def make_producer(settings: Settings, **overrides: Any) -> Producer:
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
+        # The Java client's partitioner, which faust (aiokafka) also uses: a key lands on
+        # the same partition whichever of our producers sends it.
+        "partitioner": "murmur2_random",
         **overrides,
     }
     return Producer(config)

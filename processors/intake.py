@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ValidationError
@@ -17,7 +18,7 @@ from infra.errors import InvalidMessage
 from infra.settings import Settings
 from processors.dedupe import Deduper, Seen
 from processors.ratelimit import RateLimiter
-from schemas import GenerationRequest, GenerationResult, Reason, Status, decode
+from schemas import GenerationRequest, GenerationResult, Reason, Stage, Status, decode
 from schemas.fields import RequestId, UserId, utc_now
 
 
@@ -53,6 +54,22 @@ class Invalid:
 Outcome = Admit | Answer | Drop | Invalid
 
 
+class StageFailed(Exception):
+    """An unexpected error inside one intake step; `__cause__` holds the original."""
+
+    def __init__(self, stage: Stage) -> None:
+        super().__init__(f"intake failed at stage {stage.value}")
+        self.stage = stage
+
+
+@contextmanager
+def _stage(stage: Stage) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        raise StageFailed(stage) from exc
+
+
 class _Identity(BaseModel):
     request_id: RequestId
     user_id: UserId
@@ -72,13 +89,16 @@ class Intake:
         self._clock = clock
 
     def decide(self, value: bytes | None, partition: int, offset: int) -> Outcome:
-        try:
-            request = decode(GenerationRequest, value)
-        except InvalidMessage as exc:
-            return Invalid(exc, _rejection_for_invalid(value, exc))
+        """The outcome for one record. Raises `StageFailed` only on an unexpected error."""
+        with _stage(Stage.VALIDATE):
+            try:
+                request = decode(GenerationRequest, value)
+            except InvalidMessage as exc:
+                return Invalid(exc, _rejection_for_invalid(value, exc))
 
         now = self._clock()
-        verdict = self._deduper.check(request, partition, offset, now)
+        with _stage(Stage.DEDUPE):
+            verdict = self._deduper.check(request, partition, offset, now)
         if verdict.seen is Seen.REDELIVERY:
             return Admit(request)  # tokens were spent the first time
         if verdict.seen is Seen.PUBLISH_RETRY:
@@ -94,7 +114,8 @@ class Intake:
                 )
             )
 
-        retry_after_ms = self._limiter.take(request.user_id, partition, now)
+        with _stage(Stage.RATELIMIT):
+            retry_after_ms = self._limiter.take(request.user_id, partition, now)
         if retry_after_ms is not None:
             return Answer(
                 _result(
@@ -105,7 +126,8 @@ class Intake:
                     detail=f"rate limit reached; retry in {retry_after_ms} ms",
                 )
             )
-        self._deduper.remember(request, partition, offset, now)
+        with _stage(Stage.DEDUPE):
+            self._deduper.remember(request, partition, offset, now)
         return Admit(request)
 
 

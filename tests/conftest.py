@@ -20,7 +20,7 @@ from infra.settings import Settings, load_settings
 from tests.helpers import free_port
 
 # Tansu holds a group's first join for half the session timeout: keep it short in tests.
-TEST_SESSION_TIMEOUT_MS = 3000
+TEST_SESSION_TIMEOUT_MS = 2000
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -71,6 +71,17 @@ def _embedded_stack(state_dir: Path) -> Iterator[Settings]:
         yield settings
     finally:
         stack.down()
+
+
+@pytest.fixture
+def isolated_stack(tmp_path: Path) -> Iterator[Settings]:
+    """A stack of its own, for tests whose processes keep state across the whole topic."""
+    if (
+        os.environ.get("IMAGEGEN_TEST_STACK") == "docker"
+        or "IMAGEGEN_KAFKA_BOOTSTRAP" in os.environ
+    ):
+        pytest.skip("needs the embedded stack to start a private broker")
+    yield from _embedded_stack(tmp_path / "stack")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,1 @@
+"""Stream processors: the faust intake app that validates, dedupes and rate-limits."""

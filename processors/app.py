@@ -1,0 +1,199 @@
+"""The intake processor: a faust app that reads `imagegen.requests` and, for each record,
+admits it to `imagegen.render`, answers it on `imagegen.results`, drops it as a publish retry,
+or dead-letters it to `imagegen.dlq`.
+
+Guarantees, and where they are enforced:
+- Nothing is skipped. No exception ever leaves the agent's loop (faust would ack the record
+  and commit past it, faust-streaming issue 315): `_handle` turns every failure into a dead
+  letter. If even the dead letter cannot be written, the process exits at once, before the
+  record is acked, and the restarted processor reads it again.
+- Nothing is lost on the way out. Every send is awaited until the broker acknowledges it,
+  before the loop moves on and faust acks the record; faust commits only acked offsets.
+- State survives crashes. Dedupe memory and token buckets are faust tables backed by
+  changelog topics, rebuilt on start-up (see processors/highwaters.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import time
+from typing import Any
+
+import faust
+from faust.types import EventT, StreamT
+
+from infra.kafka import check_broker, make_admin
+from infra.settings import Settings
+from infra.topics import DLQ, RENDER, REQUESTS, RESULTS, ensure_topics
+from processors import highwaters
+from processors.intake import Admit, Answer, Drop, Intake, Invalid, Outcome, StageFailed
+from schemas import DeadLetter, Stage, encode
+
+APP_ID = "imagegen-processor"
+ADMITTED_AT_HEADER = "imagegen.admitted_at_ms"
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[str, bytes]]
+
+
+class IntakeProcessor:
+    """Owns the faust app, its topics and tables, and the handling of each record."""
+
+    def __init__(self, settings: Settings) -> None:
+        highwaters.install()
+        check_broker(settings)
+        admin = make_admin(settings)
+        ensure_topics(admin, settings)
+        # Tables are co-partitioned with the requests topic, and the global rate limit is
+        # shared out per partition, so both need its real partition count.
+        metadata = admin.list_topics(REQUESTS, timeout=10)
+        self.partitions = len(metadata.topics[REQUESTS].partitions)
+        # faust creates the changelogs itself and cannot ask for the cluster's default.
+        replication = settings.topic_replication_factor
+        if replication < 1:
+            replication = min(3, len(metadata.brokers))
+        self.app = _make_app(settings, self.partitions, replication)
+
+        raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
+        self.requests = self.app.topic(REQUESTS, **raw)
+        self.render = self.app.topic(RENDER, **raw)
+        self.results = self.app.topic(RESULTS, **raw)
+        self.dlq = self.app.topic(DLQ, **raw)
+        # Tables serialise keys and values as JSON, so str keys come back from the changelog
+        # as str (raw keys would come back as bytes and miss every lookup).
+        self.intake = Intake(
+            settings,
+            dedupe_memory=self.app.Table("dedupe", partitions=self.partitions),
+            buckets=self.app.Table("buckets", partitions=self.partitions),
+            partitions=self.partitions,
+        )
+        self.app.agent(self.requests, name="intake")(self._consume)
+
+    async def _consume(self, stream: StreamT) -> None:
+        async for event in stream.events():
+            await self._handle(event)
+
+    async def _handle(self, event: EventT) -> None:
+        message = event.message
+        try:
+            outcome = self.intake.decide(event.value, message.partition, message.offset)
+        except StageFailed as failure:
+            await self._dead_letter(event, failure.__cause__ or failure, failure.stage)
+            return
+        try:
+            await self._perform(outcome, event)
+        except Exception as exc:
+            await self._dead_letter(event, exc, Stage.PUBLISH)
+
+    async def _perform(self, outcome: Outcome, event: EventT) -> None:
+        match outcome:
+            case Admit():
+                admitted = [*_headers(event), (ADMITTED_AT_HEADER, _now_ms())]
+                await _delivered(self.render, event.key, event.value, admitted)
+            case Answer(result=result):
+                await _delivered(self.results, result.kafka_key, encode(result), [])
+            case Drop(request_id=request_id):
+                log.debug("dropped publish retry of %s", request_id)
+            case Invalid(error=error, result=result):
+                await self._dead_letter(event, error, Stage.VALIDATE)
+                if result is not None:
+                    await _delivered(self.results, result.kafka_key, encode(result), [])
+
+    async def _dead_letter(self, event: EventT, error: BaseException, stage: Stage) -> None:
+        message = event.message
+        letter = DeadLetter.from_failure(
+            error=error,
+            stage=stage,
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            timestamp_ms=int(message.timestamp * 1000) if message.timestamp else None,
+            key=event.key,
+            value=event.value,
+            headers=_headers(event),
+            attempts=1,
+            group=APP_ID,
+        )
+        where = f"{message.topic}/{message.partition}/{message.offset}"
+        if stage is Stage.VALIDATE:
+            log.warning("dead-lettered invalid record %s: %s", where, error)
+        else:
+            log.error("dead-lettered %s at stage %s", where, stage.value, exc_info=error)
+        try:
+            await _delivered(self.dlq, letter.key, letter.value, letter.headers())
+        except Exception:
+            # The record is not acked yet: exiting now makes the next processor read it again.
+            log.critical("cannot write to %s; exiting so the record is retried", DLQ, exc_info=True)
+            os._exit(70)
+
+    def run(self, loglevel: str = "info") -> None:
+        """Run until SIGTERM or SIGINT; faust's worker stops the app gracefully."""
+        faust.Worker(self.app, loglevel=loglevel, redirect_stdouts=False).execute_from_commandline()
+
+
+def _make_app(settings: Settings, partitions: int, replication: int) -> faust.App:
+    session_s = settings.kafka_session_timeout_ms / 1000
+    return faust.App(
+        APP_ID,
+        broker=[f"kafka://{address.strip()}" for address in settings.kafka_bootstrap.split(",")],
+        broker_credentials=_credentials(settings),
+        store="memory://",
+        processing_guarantee="at_least_once",
+        web_enabled=False,
+        topic_partitions=partitions,
+        topic_replication_factor=replication,
+        table_standby_replicas=0,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=session_s,
+        broker_heartbeat_interval=session_s / 6,
+        broker_rebalance_timeout=session_s,
+        broker_commit_interval=1.0,
+        stream_wait_empty=False,
+    )
+
+
+def _credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    context = None
+    if protocol.endswith("SSL"):
+        context = ssl.create_default_context(cafile=settings.kafka_ssl_ca_location)
+        if settings.kafka_ssl_certificate_location:
+            context.load_cert_chain(
+                settings.kafka_ssl_certificate_location,
+                settings.kafka_ssl_key_location,
+                settings.kafka_ssl_key_password.get_secret_value()
+                if settings.kafka_ssl_key_password
+                else None,
+            )
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    security = settings.kafka_security()  # validates that SASL has its credentials
+    return faust.SASLCredentials(
+        username=security["sasl.username"],
+        password=security.get("sasl.password"),
+        mechanism=security["sasl.mechanism"],
+        ssl_context=context,
+    )
+
+
+async def _delivered(
+    topic: faust.TopicT, key: bytes | None, value: bytes | None, headers: Headers
+) -> None:
+    """Send and wait for the broker's acknowledgement; raise if it never comes."""
+    pending = await topic.send(key=key, value=value, headers=headers)
+    await pending
+
+
+def _headers(event: EventT) -> Headers:
+    headers = event.message.headers or []
+    items = headers.items() if isinstance(headers, dict) else headers
+    return [(name, value or b"") for name, value in items]
+
+
+def _now_ms() -> bytes:
+    return str(int(time.time() * 1000)).encode()
