@@ -3,9 +3,9 @@
 Requests are keyed by user_id, so each user's bucket lives in exactly one partition and is
 exact however many processors run. The global limit cannot be exact without coordination
 between instances, so each partition holds an equal share of it: rate/P tokens per second
-and burst/P tokens (at least 1) for P partitions. The sum over partitions never exceeds the
-global limit, whatever the number of instances, but a hot partition is held to its share
-even while others idle (see README, "Rate limits").
+and burst/P tokens (at least 1) for P partitions. The shares' rates add up to the global
+rate whatever the number of instances, but a hot partition is held to its share even while
+others idle, and bursts round up to 1 token (see README, "Rate limits").
 """
 
 from __future__ import annotations
