@@ -27,6 +27,7 @@ from faust.types import EventT, StreamT
 from infra.kafka import check_broker, make_admin
 from infra.settings import Settings
 from infra.topics import DLQ, RENDER, REQUESTS, RESULTS, ensure_topics
+from processors.flow_control import App
 from processors.intake import Admit, Answer, Drop, Intake, Invalid, Outcome, StageFailed
 from schemas import DeadLetter, Stage, encode
 
@@ -134,7 +135,7 @@ class IntakeProcessor:
 
 def _make_app(settings: Settings, partitions: int, replication: int) -> faust.App:
     session_s = settings.kafka_session_timeout_ms / 1000
-    return faust.App(
+    return App(
         APP_ID,
         broker=[f"kafka://{address.strip()}" for address in settings.kafka_bootstrap.split(",")],
         broker_credentials=_credentials(settings),
