@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: test lint format schemas clean
+.PHONY: test lint format schemas bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ lint: $(BIN)/.installed
 format: $(BIN)/.installed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+bench: $(BIN)/.installed
+	$(BIN)/python -m bench.intake
 
 schemas: $(BIN)/.installed
 	$(BIN)/python -m schemas.export

@@ -19,6 +19,7 @@ import logging
 import os
 import ssl
 import time
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -130,7 +131,11 @@ class IntakeProcessor:
 
     def run(self, loglevel: str = "info") -> None:
         """Run until SIGTERM or SIGINT; faust's worker stops the app gracefully."""
-        faust.Worker(self.app, loglevel=loglevel, redirect_stdouts=False).execute_from_commandline()
+        worker = faust.Worker(self.app, loglevel=loglevel, redirect_stdouts=False)
+        # At level warning and above faust spins a terminal spinner on every log record, and
+        # lowers the root logger to DEBUG to feed it: every debug call then builds a record.
+        worker.spinner = None
+        worker.execute_from_commandline()
 
 
 def _make_app(settings: Settings, partitions: int, replication: int) -> faust.App:
@@ -140,6 +145,7 @@ def _make_app(settings: Settings, partitions: int, replication: int) -> faust.Ap
         broker=[f"kafka://{address.strip()}" for address in settings.kafka_bootstrap.split(",")],
         broker_credentials=_credentials(settings),
         store="memory://",
+        datadir=str(Path(settings.state_dir) / "processor"),
         processing_guarantee="at_least_once",
         web_enabled=False,
         topic_partitions=partitions,

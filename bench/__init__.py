@@ -1,0 +1,1 @@
+"""Benchmarks: figures to steer by, never timed tests."""

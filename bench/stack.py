@@ -1,0 +1,51 @@
+"""A private embedded stack for one benchmark run, on free ports, stopped afterwards."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from infra.embedded import EmbeddedStack
+from infra.settings import Settings, load_settings
+
+# Tansu holds a consumer group's first join for half the session timeout.
+SESSION_TIMEOUT_MS = 2000
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def private_stack() -> Iterator[Settings]:
+    with tempfile.TemporaryDirectory(prefix="imagegen-bench-") as state_dir:
+        settings = load_settings(
+            kafka_bootstrap=f"127.0.0.1:{_free_port()}",
+            s3_endpoint=f"127.0.0.1:{_free_port()}",
+            state_dir=str(Path(state_dir)),
+            kafka_session_timeout_ms=SESSION_TIMEOUT_MS,
+        )
+        stack = EmbeddedStack(settings)
+        stack.up(progress=lambda _: None)
+        try:
+            yield settings
+        finally:
+            stack.down()
+
+
+def child_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment that points an `imagegen` child process at `settings`' stack."""
+    return {
+        **os.environ,
+        "IMAGEGEN_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "IMAGEGEN_S3_ENDPOINT": settings.s3_endpoint,
+        "IMAGEGEN_STATE_DIR": settings.state_dir,
+        "IMAGEGEN_KAFKA_SESSION_TIMEOUT_MS": str(settings.kafka_session_timeout_ms),
+        **{f"IMAGEGEN_{name.upper()}": value for name, value in extra.items()},
+    }
