@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from consumers.cli import worker
 from infra.embedded import EmbeddedStack
 from infra.errors import ImagegenError
 from infra.provision import provision
@@ -31,6 +32,7 @@ stack_app = typer.Typer(
 app.add_typer(stack_app, name="stack")
 app.command("submit")(submit)
 app.command("processor")(processor)
+app.command("worker")(worker)
 
 
 @app.command("init")

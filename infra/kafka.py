@@ -54,6 +54,9 @@ def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> Consum
         "enable.auto.commit": True,
         "auto.offset.reset": "earliest",
         "session.timeout.ms": settings.kafka_session_timeout_ms,
+        # Several heartbeats per session, whatever the session length (the default, 3 s,
+        # would let a short session expire between two heartbeats).
+        "heartbeat.interval.ms": max(100, settings.kafka_session_timeout_ms // 3),
         **overrides,
     }
     return Consumer(config)

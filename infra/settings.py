@@ -65,7 +65,13 @@ class Settings(BaseSettings):
     # Per-user tiers: {"user_id": {"per_s": 20, "burst": 50}, ...}
     rate_user_overrides: dict[str, RateOverride] = Field(default_factory=dict)
 
-    # Where `imagegen stack` keeps pid files and logs of the embedded stack.
+    # Render workers: attempts per request before it fails to the DLQ, and the first
+    # retry's delay (doubling each time, with jitter).
+    max_attempts: int = Field(default=3, ge=1)
+    retry_base_delay_s: float = Field(default=0.5, gt=0)
+
+    # Where `imagegen stack` keeps pid files and logs of the embedded stack, and workers
+    # cache built models.
     state_dir: str = ".imagegen"
 
     @field_validator("kafka_bootstrap")

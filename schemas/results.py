@@ -65,6 +65,9 @@ class GenerationResult(BaseModel):
     model: ModelName | None = None
     seed: Seed | None = None
     steps: int | None = Field(default=None, ge=1)
+    batch_size: int | None = Field(
+        default=None, ge=1, description="How many requests shared the forward pass."
+    )
     timings: Timings | None = None
     attempts: int = Field(default=0, ge=0)
     worker_id: str | None = Field(default=None, max_length=256)

@@ -1,0 +1,134 @@
+"""Turning admitted requests into images: which requests batch together, seeds, encoding."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image, features
+
+from infra.errors import ConfigError, ImagegenError
+from schemas.requests import GenerationRequest
+
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+# Lossy formats at a quality where artefacts are hard to see; PNG stays lossless.
+_SAVE_OPTIONS: dict[str, dict[str, int]] = {
+    "png": {},
+    "jpeg": {"quality": 90},
+    "webp": {"quality": 90},
+}
+
+
+class RenderOutOfMemory(ImagegenError):
+    """The device ran out of memory; the same work can fit later, or in smaller batches."""
+
+    transient = True
+
+
+class RenderFailed(ImagegenError):
+    """The pipeline raised while rendering; the same request fails the same way again."""
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """What requests must have in common to be rendered in one pipeline call."""
+
+    model: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+
+
+def batch_key(request: GenerationRequest) -> BatchKey:
+    return BatchKey(
+        model=request.model,
+        width=request.width,
+        height=request.height,
+        steps=request.steps,
+        guidance_scale=request.guidance_scale,
+    )
+
+
+def seed_for(request: GenerationRequest) -> int:
+    """The request's seed or, when it has none, one derived from its id: a re-render matches."""
+    if request.seed is not None:
+        return request.seed
+    digest = hashlib.sha256(request.request_id.encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+class Renderer:
+    """Renders batches of requests with one pipeline on one device."""
+
+    def __init__(self, pipeline: DiffusionPipeline, device: torch.device) -> None:
+        self._pipeline = pipeline
+        self._device = device
+
+    def render(self, requests: Sequence[GenerationRequest]) -> list[Image.Image]:
+        """One image per request, in order, from a single pipeline call.
+
+        The requests must share a `BatchKey`. Each has a generator of its own, so its image is
+        the same whether it renders alone or beside others. Raises `RenderOutOfMemory`
+        (transient) or `RenderFailed`.
+        """
+        if not requests:
+            raise ValueError("render needs at least one request")
+        key = batch_key(requests[0])
+        mismatched = [r.request_id for r in requests if batch_key(r) != key]
+        if mismatched:
+            raise ValueError(
+                f"requests {', '.join(mismatched)} differ from {requests[0].request_id} in model, "
+                "size, steps or guidance scale; group requests by batch_key() first"
+            )
+        generators = [
+            torch.Generator(device=self._device).manual_seed(seed_for(r)) for r in requests
+        ]
+        try:
+            with torch.inference_mode():
+                output = self._pipeline(
+                    prompt=[r.prompt for r in requests],
+                    # "" is what the pipeline uses for a missing negative prompt.
+                    negative_prompt=[r.negative_prompt or "" for r in requests],
+                    num_inference_steps=key.steps,
+                    guidance_scale=key.guidance_scale,
+                    width=key.width,
+                    height=key.height,
+                    generator=generators,
+                    output_type="pil",
+                )
+        except torch.cuda.OutOfMemoryError as exc:
+            if self._device.type == "cuda":
+                # Hand the failed batch's cached blocks back, so a smaller batch can fit.
+                torch.cuda.empty_cache()
+            raise RenderOutOfMemory(
+                f"out of device memory rendering {len(requests)} image(s) of "
+                f"{key.width}x{key.height} with {key.model}; retry later or in smaller batches"
+            ) from exc
+        except Exception as exc:
+            raise RenderFailed(
+                f"{key.model} failed to render {len(requests)} image(s) of "
+                f"{key.width}x{key.height}: {type(exc).__name__}: {exc}"
+            ) from exc
+        return list(output.images)
+
+
+def encode_image(image: Image.Image, output_format: str) -> tuple[bytes, str]:
+    """`image` as the bytes of `output_format` (png, jpeg or webp), and their content type."""
+    if output_format not in CONTENT_TYPES:
+        raise ValueError(f"output format {output_format!r} is not one of png, jpeg, webp")
+    if output_format == "webp" and not features.check("webp"):
+        raise ConfigError(
+            "this Pillow was built without WebP support; install a Pillow wheel from PyPI, "
+            "which includes it, or rebuild Pillow against libwebp"
+        )
+    if output_format == "jpeg" and image.mode != "RGB":
+        image = image.convert("RGB")  # JPEG has no alpha channel
+    buffer = io.BytesIO()
+    image.save(buffer, format=output_format.upper(), **_SAVE_OPTIONS[output_format])
+    return buffer.getvalue(), CONTENT_TYPES[output_format]

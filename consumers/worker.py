@@ -1,0 +1,470 @@
+"""The render worker: admitted requests from `imagegen.render` become images in the object
+store and results on `imagegen.results`; failures become dead letters.
+
+Threads, and what each one owns:
+- the poll loop (`run`, the caller's thread) owns the consumer. It polls, pauses the
+  partitions while too much work is in flight, and stores the offsets of finished work.
+  Nothing else touches the consumer.
+- a check pool looks every new request up in the object store: an image that an earlier
+  attempt stored (and crashed before committing) is published again without rendering.
+- the render thread batches compatible requests and runs the pipeline, and nothing else,
+  so the device waits only for batching.
+- a finish pool encodes, stores and publishes every rendered image.
+- a delivery thread serves the producer's delivery reports.
+
+Commit order, enforced in `_store_finished`: an offset is stored only once the broker has
+acknowledged the request's result (and, for a failure, its dead letter), and once every
+earlier offset of the partition is finished too (`OffsetTracker`). librdkafka's background
+commit commits stored offsets only, so a crash replays unfinished work and skips nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from PIL import Image
+
+from consumers.batching import Batcher
+from consumers.models import UnknownModel
+from consumers.offsets import OffsetTracker
+from consumers.rendering import Renderer, batch_key, encode_image, seed_for
+from consumers.retry import GaveUp, Interrupted, RetryPolicy, is_transient, retrying
+from consumers.storage import StoredImage, find, object_key, store_once
+from infra.kafka import check_broker, make_admin, make_consumer, make_producer
+from infra.object_store import ObjectStore
+from infra.settings import Settings
+from infra.topics import DLQ, RENDER, RESULTS, ensure_topics
+from processors.app import ADMITTED_AT_HEADER
+from schemas import (
+    DeadLetter,
+    GenerationRequest,
+    GenerationResult,
+    Reason,
+    Stage,
+    Status,
+    Timings,
+    decode,
+    encode,
+)
+from schemas.fields import utc_now
+
+GROUP_ID = "imagegen-workers"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    max_batch: int = 4
+    max_wait_ms: float = 10.0
+    #: Requests in flight (queued, rendering, finishing) before partitions pause.
+    max_in_flight: int = 32
+    check_threads: int = 4
+    finish_threads: int = 4
+
+
+@dataclass
+class Job:
+    """One record of `imagegen.render` on its way through the worker."""
+
+    message: Message
+    request: GenerationRequest
+    generation: int  # the assignment it was polled in; older jobs' completions are ignored
+    admitted_at_ms: int
+    render_started_ms: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class RenderWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        renderers: Mapping[str, Renderer],
+        options: WorkerOptions | None = None,
+    ) -> None:
+        """`renderers` maps the model names that requests use to what renders them."""
+        self.settings = settings
+        self.options = options or WorkerOptions()
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
+        self._renderers = dict(renderers)
+        self._policy = RetryPolicy(settings.max_attempts, settings.retry_base_delay_s)
+        check_broker(settings)
+        ensure_topics(make_admin(settings), settings)
+        self._store = ObjectStore(settings)
+        self._producer = make_producer(settings)
+        self._consumer: Consumer = make_consumer(
+            settings,
+            GROUP_ID,
+            # The poll loop never blocks on work, so a short interval costs nothing, and
+            # some brokers (Tansu) hold a group's first join for half of it.
+            **{"max.poll.interval.ms": max(settings.kafka_session_timeout_ms, 1000)},
+        )
+        self._tracker = OffsetTracker()
+        self._finished: queue.SimpleQueue[tuple[int, int, int]] = queue.SimpleQueue()
+        self._batcher: Batcher[Job] = Batcher(
+            lambda job: batch_key(job.request),
+            self.options.max_batch,
+            self.options.max_wait_ms / 1000,
+        )
+        self._generation = 0
+        self._paused = False
+        self._stopping = threading.Event()
+        self._stop_rendering = threading.Event()
+        self._closed = threading.Event()
+        self._checks = ThreadPoolExecutor(self.options.check_threads, "check")
+        self._finishers = ThreadPoolExecutor(self.options.finish_threads, "finish")
+
+    # ---- the poll loop ------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Consume until SIGTERM or SIGINT, then drain and commit (`stop` does the same)."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self._stopping.set())
+        threads = [
+            threading.Thread(target=self._render_loop, name="render", daemon=True),
+            threading.Thread(target=self._deliver_loop, name="delivery", daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        self._consumer.subscribe(
+            [RENDER], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        log.info("worker %s serving %s", self.worker_id, ", ".join(self._renderers))
+        while not self._stopping.is_set():
+            for message in self._consumer.consume(self.options.max_in_flight, timeout=0.1):
+                self._accept(message)
+            self._store_finished()
+            self._apply_backpressure()
+        self._shutdown(threads)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _accept(self, message: Message) -> None:
+        if message.error() is not None:
+            log.warning("consumer error: %s", message.error())
+            return
+        self._tracker.started(message.partition(), message.offset())
+        try:
+            request = decode(GenerationRequest, message.value())
+        except Exception as error:
+            # The processor admits valid requests only; this record came another way.
+            self._dead_letter_only(message, error, Stage.VALIDATE)
+            return
+        job = Job(message, request, self._generation, _admitted_at_ms(message))
+        self._checks.submit(self._guarded, job, Stage.STORE, self._check, job)
+
+    def _store_finished(self) -> None:
+        offsets: list[TopicPartition] = []
+        while True:
+            try:
+                generation, partition, offset = self._finished.get_nowait()
+            except queue.Empty:
+                break
+            if generation != self._generation:
+                continue  # from before a rebalance: the partition's owner redoes it
+            committable = self._tracker.finished(partition, offset)
+            if committable is not None:
+                offsets.append(TopicPartition(RENDER, partition, committable))
+        if offsets:
+            self._consumer.store_offsets(offsets=offsets)
+
+    def _apply_backpressure(self) -> None:
+        in_flight = self._tracker.in_flight()
+        if not self._paused and in_flight >= self.options.max_in_flight:
+            self._consumer.pause(self._consumer.assignment())
+            self._paused = True
+        elif self._paused and in_flight <= self.options.max_in_flight // 2:
+            self._consumer.resume(self._consumer.assignment())
+            self._paused = False
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("assigned %s", sorted(p.partition for p in partitions))
+        self._paused = False
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Commit what is finished; work still in flight for these partitions is left to
+        their next owner (it finds any image already stored and does not render again)."""
+        self._store_finished()
+        _commit(consumer)
+        self._tracker.forget([p.partition for p in partitions])
+        self._generation += 1
+        log.info("revoked %s", sorted(p.partition for p in partitions))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._tracker.forget([p.partition for p in partitions])
+        self._generation += 1
+        log.warning("lost %s to another worker", sorted(p.partition for p in partitions))
+
+    def _shutdown(self, threads: list[threading.Thread]) -> None:
+        """Stop fetching, finish what is rendering, release what is queued, commit."""
+        log.info("stopping: finishing in-flight work")
+        self._consumer.pause(self._consumer.assignment())
+        self._checks.shutdown(wait=True)
+        self._stop_rendering.set()
+        threads[0].join()
+        released = self._batcher.drain()
+        self._finishers.shutdown(wait=True)
+        self._producer.flush(30)
+        self._closed.set()
+        threads[1].join()
+        self._store_finished()
+        _commit(self._consumer)
+        self._consumer.close()
+        log.info("stopped; %d queued request(s) released to the next owner", len(released))
+
+    # ---- checks, rendering, finishing (pool and render threads) --------------------------
+
+    def _check(self, job: Job) -> None:
+        if job.request.model not in self._renderers:
+            raise UnknownModel(
+                f"model {job.request.model!r} is not served by this worker, which serves: "
+                f"{', '.join(self._renderers)}; start workers with --model {job.request.model}"
+            )
+        key = object_key(job.request)
+        stored, _ = retrying(
+            self._policy, f"look up {key}", lambda: find(self._store, key), self._stopping
+        )
+        if stored is None:
+            self._batcher.put(job)
+        else:
+            log.info("%s was stored by an earlier attempt; publishing it", key)
+            self._publish_success(job, stored, attempts=1, batch_size=None)
+
+    def _render_loop(self) -> None:
+        while not self._stop_rendering.is_set():
+            batch = [j for j in self._batcher.next_batch(0.1) if j.generation == self._generation]
+            if batch:
+                self._render(batch)
+
+    def _render(self, batch: list[Job]) -> None:
+        renderer = self._renderers[batch[0].request.model]
+        started = time.perf_counter()
+        started_ms = _now_ms()
+        try:
+            images, attempts = retrying(
+                self._policy,
+                "render",
+                lambda: renderer.render([job.request for job in batch]),
+                self._stopping,
+            )
+        except Interrupted:
+            return  # released: uncommitted, so the partition's next owner renders them
+        except GaveUp as gave_up:
+            if len(batch) > 1 and not is_transient(gave_up.error):
+                # One bad request must not fail the others: render them one by one.
+                for job in batch:
+                    self._render([job])
+                return
+            for job in batch:
+                self._fail(job, gave_up.error, Stage.RENDER, gave_up.attempts)
+            return
+        render_ms = (time.perf_counter() - started) * 1000
+        for job, image in zip(batch, images, strict=True):
+            job.render_started_ms = started_ms
+            job.timings["render_ms"] = render_ms
+            self._finishers.submit(
+                self._guarded, job, Stage.STORE, self._finish, job, image, len(batch), attempts
+            )
+
+    def _finish(self, job: Job, image: Image.Image, batch_size: int, attempts: int) -> None:
+        started = time.perf_counter()
+        data, content_type = encode_image(image, job.request.output_format)
+        encoded = time.perf_counter()
+        key = object_key(job.request)
+        stored, store_attempts = retrying(
+            self._policy,
+            f"store {key}",
+            lambda: store_once(self._store, key, data, content_type),
+            self._stopping,
+        )
+        job.timings["encode_ms"] = (encoded - started) * 1000
+        job.timings["upload_ms"] = (time.perf_counter() - encoded) * 1000
+        self._publish_success(job, stored, max(attempts, store_attempts), batch_size)
+
+    def _guarded(self, job: Job, stage: Stage, work: Callable[..., None], *args: Any) -> None:
+        """Run pool work so that no exception vanishes into a future: every failure becomes
+        a failed result and a dead letter."""
+        try:
+            work(*args)
+        except Interrupted:
+            log.info("released %s unfinished: the worker is stopping", job.request.request_id)
+        except GaveUp as gave_up:
+            self._fail(job, gave_up.error, _stage_of(gave_up.error, stage), gave_up.attempts)
+        except Exception as error:
+            self._fail(job, error, _stage_of(error, stage), 1)
+
+    # ---- publishing ----------------------------------------------------------------------
+
+    def _publish_success(
+        self, job: Job, stored: StoredImage, attempts: int, batch_size: int | None
+    ) -> None:
+        request = job.request
+        result = GenerationResult(
+            request_id=request.request_id,
+            user_id=request.user_id,
+            status=Status.SUCCEEDED,
+            bucket=self.settings.s3_bucket,
+            object_key=stored.key,
+            content_type=stored.content_type,
+            size_bytes=stored.size_bytes,
+            sha256=stored.sha256,
+            width=request.width,
+            height=request.height,
+            model=request.model,
+            seed=seed_for(request),
+            steps=request.steps,
+            batch_size=batch_size,
+            timings=self._timings(job),
+            attempts=attempts,
+            worker_id=self.worker_id,
+            completed_at=utc_now(),
+        )
+
+        def delivered(error: KafkaError | None) -> None:
+            if error is None:
+                self._finished.put((job.generation, *_coordinates(job.message)))
+            else:
+                self._dead_letter_only(job.message, KafkaException(error), Stage.PUBLISH, job)
+
+        self._send(RESULTS, result.kafka_key, encode(result), delivered)
+
+    def _fail(self, job: Job, error: BaseException, stage: Stage, attempts: int) -> None:
+        """A failed result for the user and a dead letter for operators; the offset counts
+        as finished once both are acknowledged (the dead letter is what must not be lost)."""
+        log.error(
+            "%s failed at %s after %d attempt(s): %s",
+            job.request.request_id,
+            stage.value,
+            attempts,
+            error,
+        )
+        result = GenerationResult(
+            request_id=job.request.request_id,
+            user_id=job.request.user_id,
+            status=Status.FAILED,
+            reason=_reason(error, stage),
+            detail=f"{type(error).__name__}: {error}"[:4000],
+            model=job.request.model,
+            attempts=attempts,
+            worker_id=self.worker_id,
+            completed_at=utc_now(),
+        )
+        self._send(RESULTS, result.kafka_key, encode(result), lambda _error: None)
+        self._dead_letter_only(job.message, error, stage, job, attempts)
+
+    def _dead_letter_only(
+        self,
+        message: Message,
+        error: BaseException,
+        stage: Stage,
+        job: Job | None = None,
+        attempts: int = 1,
+    ) -> None:
+        letter = DeadLetter.from_failure(
+            error=error,
+            stage=stage,
+            topic=message.topic(),
+            partition=message.partition(),
+            offset=message.offset(),
+            timestamp_ms=message.timestamp()[1],
+            key=message.key(),
+            value=message.value(),
+            headers=message.headers(),
+            attempts=attempts,
+            group=GROUP_ID,
+        )
+        generation = job.generation if job is not None else self._generation
+
+        def delivered(delivery_error: KafkaError | None) -> None:
+            if delivery_error is not None:
+                # Without its dead letter the record must not be committed: exit before its
+                # offset is stored, so that it is read again.
+                log.critical("cannot write to %s (%s); exiting", DLQ, delivery_error)
+                os._exit(70)
+            self._finished.put((generation, *_coordinates(message)))
+
+        self._send(DLQ, letter.key, letter.value, delivered, letter.headers())
+
+    def _send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        delivered: Callable[[KafkaError | None], None],
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    topic,
+                    key=key,
+                    value=value,
+                    headers=headers,
+                    on_delivery=lambda error, _message: delivered(error),
+                )
+                return
+            except BufferError:
+                time.sleep(0.01)  # the local queue is full; the delivery thread drains it
+
+    def _deliver_loop(self) -> None:
+        while not self._closed.is_set():
+            self._producer.poll(0.05)
+
+    def _timings(self, job: Job) -> Timings:
+        now_ms = _now_ms()
+        started_ms = job.render_started_ms
+        submitted_ms = job.request.submitted_at.timestamp() * 1000
+        return Timings(
+            queue_ms=max(0.0, started_ms - job.admitted_at_ms) if started_ms else None,
+            render_ms=job.timings.get("render_ms"),
+            encode_ms=job.timings.get("encode_ms"),
+            upload_ms=job.timings.get("upload_ms"),
+            total_ms=max(0.0, now_ms - submitted_ms),
+        )
+
+
+def _admitted_at_ms(message: Message) -> int:
+    for name, value in message.headers() or []:
+        if name == ADMITTED_AT_HEADER and value:
+            return int(value)
+    return message.timestamp()[1]
+
+
+def _coordinates(message: Message) -> tuple[int, int]:
+    return message.partition(), message.offset()
+
+
+def _stage_of(error: BaseException, default: Stage) -> Stage:
+    return Stage.RENDER if isinstance(error, UnknownModel) else default
+
+
+def _reason(error: BaseException, stage: Stage) -> Reason:
+    if isinstance(error, UnknownModel):
+        return Reason.UNKNOWN_MODEL
+    return {Stage.RENDER: Reason.RENDER_ERROR, Stage.PUBLISH: Reason.PUBLISH_ERROR}.get(
+        stage, Reason.STORE_ERROR
+    )
+
+
+def _commit(consumer: Consumer) -> None:
+    try:
+        consumer.commit(asynchronous=False)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError._NO_OFFSET:
+            log.warning("commit failed: %s", exc)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,250 @@
+"""The render worker as a real process with the `tiny` model, against a real broker and S3
+server: images, batching, crashes, an object-store outage, poison requests, SIGTERM."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from confluent_kafka import TopicPartition
+from PIL import Image
+
+from consumers.storage import object_key
+from consumers.worker import GROUP_ID
+from infra.kafka import make_consumer, make_producer
+from infra.object_store import ObjectStore
+from infra.settings import Settings
+from infra.topics import DLQ, RENDER, RESULTS
+from schemas import (
+    DeadLetter,
+    GenerationRequest,
+    GenerationResult,
+    Reason,
+    Stage,
+    Status,
+    decode,
+    encode,
+)
+from tests.conftest import settings_env
+from tests.helpers import read_topic
+from tests.processes import Service
+from tests.proxy import Proxy
+
+# Small and quick on a CPU: the pipeline code is real, the compute is cheap.
+SMALL = {"width": 64, "height": 64, "steps": 2}
+
+
+@pytest.fixture
+def worker_factory(isolated_stack: Settings, tmp_path: Path) -> Iterator:
+    started: list[Service] = []
+
+    def start(*args: str, stack: Settings = isolated_stack, **env: str) -> Service:
+        variables = {f"IMAGEGEN_{name.upper()}": value for name, value in env.items()}
+        worker = Service(
+            ["worker", "--device", "cpu", *args],
+            {**settings_env(stack), **variables},
+            tmp_path / f"worker-{len(started)}.log",
+        )
+        worker.start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def submit(stack: Settings, requests: list[GenerationRequest], extra: list[bytes] = ()) -> None:
+    """Put requests straight on imagegen.render, as the processor admits them."""
+    producer = make_producer(stack)
+    for request in requests:
+        producer.produce(RENDER, key=request.kafka_key, value=encode(request))
+    for value in extra:
+        producer.produce(RENDER, key=requests[0].kafka_key, value=value)
+    assert producer.flush(30) == 0
+
+
+def results(
+    stack: Settings, expected: set[str], timeout_s: float = 120
+) -> dict[str, list[GenerationResult]]:
+    found: dict[str, list[GenerationResult]] = {}
+    scanned = 0
+
+    def answered(messages: list) -> bool:
+        nonlocal scanned
+        for message in messages[scanned:]:
+            result = decode(GenerationResult, message.value())
+            found.setdefault(result.request_id, []).append(result)
+        scanned = len(messages)
+        return expected <= found.keys()
+
+    read_topic(stack, RESULTS, answered, timeout_s)
+    return found
+
+
+def small_requests(count: int, **fields: object) -> list[GenerationRequest]:
+    return [
+        GenerationRequest.new(
+            user_id=f"user-{i % 5}", prompt=f"a lighthouse {i}", **SMALL, **fields
+        )
+        for i in range(count)
+    ]
+
+
+def test_images_are_stored_and_described_by_their_results(worker_factory, isolated_stack) -> None:
+    requests = [
+        GenerationRequest.new(user_id="ann", prompt="a red boat", width=64, height=96, steps=2),
+        GenerationRequest.new(
+            user_id="bob", prompt="a blue kite", output_format="jpeg", seed=7, **SMALL
+        ),
+        GenerationRequest.new(user_id="cy", prompt="a fern", output_format="webp", **SMALL),
+    ]
+    worker_factory()
+    submit(isolated_stack, requests)
+    found = results(isolated_stack, {r.request_id for r in requests})
+    store = ObjectStore(isolated_stack)
+    for request in requests:
+        (result,) = found[request.request_id]
+        assert result.status is Status.SUCCEEDED, result.detail
+        assert result.object_key == object_key(request)
+        data = store.get(result.object_key)
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (result.size_bytes, result.sha256)
+        image = Image.open(io.BytesIO(data))
+        assert image.size == (request.width, request.height)
+        assert image.format == {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[request.output_format]
+        assert result.timings is not None and result.timings.render_ms is not None
+        if request.seed is not None:
+            assert result.seed == request.seed
+
+
+def test_compatible_requests_share_one_forward_pass(worker_factory, isolated_stack) -> None:
+    requests = small_requests(4)
+    submit(isolated_stack, requests)  # all waiting before the worker starts
+    worker_factory("--max-batch", "4", "--max-wait-ms", "3000")
+    found = results(isolated_stack, {r.request_id for r in requests})
+    assert {found[r.request_id][0].batch_size for r in requests} == {4}
+
+
+def test_poison_requests_are_dead_lettered_without_holding_up_their_partition(
+    worker_factory, isolated_stack
+) -> None:
+    # Same user, so the same partition: the good requests queue behind the bad ones.
+    unknown = GenerationRequest.new(user_id="eve", prompt="x", model="no-such-model", **SMALL)
+    good = [GenerationRequest.new(user_id="eve", prompt=f"ok {i}", **SMALL) for i in range(3)]
+    submit(isolated_stack, [unknown], extra=[b"\xff not a request"])
+    submit(isolated_stack, good)
+    worker_factory()
+
+    found = results(isolated_stack, {r.request_id for r in [unknown, *good]})
+    assert all(found[r.request_id][0].status is Status.SUCCEEDED for r in good)
+    (failed,) = found[unknown.request_id]
+    assert (failed.status, failed.reason) == (Status.FAILED, Reason.UNKNOWN_MODEL)
+    assert "--model no-such-model" in (failed.detail or "")
+
+    letters = [
+        DeadLetter.from_kafka(m.key(), m.value(), m.headers())
+        for m in read_topic(isolated_stack, DLQ, lambda ms: len(ms) >= 2)
+    ]
+    assert {letter.stage for letter in letters} == {Stage.RENDER, Stage.VALIDATE}
+    assert {letter.value for letter in letters} == {encode(unknown), b"\xff not a request"}
+
+
+def test_an_object_store_outage_is_retried_and_loses_nothing(
+    worker_factory, isolated_stack, tmp_path
+) -> None:
+    host, port = isolated_stack.s3_endpoint.rsplit(":", 1)
+    proxy = Proxy(host, int(port))
+    through_proxy = isolated_stack.model_copy(update={"s3_endpoint": proxy.address})
+    try:
+        worker = worker_factory(stack=through_proxy, max_attempts="20", retry_base_delay_s="0.1")
+        proxy.cut()
+        requests = small_requests(6)
+        submit(isolated_stack, requests)
+        # The outage lasts until the worker has demonstrably hit it and backed off.
+        wait_for_line(worker.log, "retrying in")
+        proxy.restore()
+        found = results(isolated_stack, {r.request_id for r in requests})
+    finally:
+        proxy.close()
+    assert all(found[r.request_id][0].status is Status.SUCCEEDED for r in requests)
+
+
+def test_sigkill_repeatedly_leaves_exactly_one_object_per_request(
+    worker_factory, isolated_stack
+) -> None:
+    s3 = _boto(isolated_stack)
+    s3.put_bucket_versioning(
+        Bucket=isolated_stack.s3_bucket, VersioningConfiguration={"Status": "Enabled"}
+    )
+    requests = small_requests(200)
+    submit(isolated_stack, requests)
+    everything = {r.request_id for r in requests}
+    for round_ in range(1, 4):
+        worker = worker_factory("--max-batch", "8")
+        # Kill it mid-stream: once it has published some results, long before it has all.
+        wait_for_results(isolated_stack, 30 * round_)
+        worker.kill()
+    worker_factory("--max-batch", "8")
+    found = results(isolated_stack, everything, timeout_s=300)
+
+    versions = s3.list_object_versions(Bucket=isolated_stack.s3_bucket).get("Versions", [])
+    per_key: dict[str, int] = {}
+    for version in versions:
+        per_key[version["Key"]] = per_key.get(version["Key"], 0) + 1
+    for request in requests:
+        answers = found[request.request_id]
+        assert any(a.status is Status.SUCCEEDED for a in answers)
+        assert per_key[object_key(request)] == 1  # never a second version: never replaced
+        assert len({a.sha256 for a in answers}) == 1
+
+
+def test_sigterm_finishes_in_flight_work_and_commits_it(worker_factory, isolated_stack) -> None:
+    requests = small_requests(60)
+    submit(isolated_stack, requests)
+    worker = worker_factory()
+    wait_for_results(isolated_stack, 10)
+    assert worker.stop() == 0
+    assert "stopped;" in worker.log.read_text()
+
+    # What was committed was finished: every request below its partition's committed
+    # offset has its result.
+    consumer = make_consumer(isolated_stack, group_id=GROUP_ID)
+    committed = {
+        tp.partition: tp.offset
+        for tp in consumer.committed([TopicPartition(RENDER, p) for p in range(6)], timeout=10)
+    }
+    consumer.close()
+    assert sum(max(offset, 0) for offset in committed.values()) > 0
+    done = {
+        decode(GenerationRequest, m.value()).request_id
+        for m in read_topic(isolated_stack, RENDER, lambda ms: len(ms) >= len(requests))
+        if m.offset() < committed[m.partition()]
+    }
+    found = results(isolated_stack, done, timeout_s=30)
+    assert all(found[request_id][0].status is Status.SUCCEEDED for request_id in done)
+
+
+def wait_for_results(stack: Settings, count: int) -> None:
+    read_topic(stack, RESULTS, lambda ms: len(ms) >= count, timeout_s=120)
+
+
+def wait_for_line(log: Path, text: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"{text!r} never appeared in {log}"
+        time.sleep(0.1)  # a child's log file offers no notification
+
+
+def _boto(stack: Settings):
+    return boto3.client(
+        "s3",
+        endpoint_url=f"http://{stack.s3_endpoint}",
+        aws_access_key_id=stack.s3_access_key,
+        aws_secret_access_key=stack.s3_secret_key.get_secret_value(),
+        region_name=stack.s3_region,
+    )
