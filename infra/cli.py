@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from consumers.cli import worker
+from consumers.results_cli import fetch, results
 from infra.embedded import EmbeddedStack
 from infra.errors import ImagegenError
 from infra.provision import provision
@@ -33,6 +34,8 @@ app.add_typer(stack_app, name="stack")
 app.command("submit")(submit)
 app.command("processor")(processor)
 app.command("worker")(worker)
+app.command("results")(results)
+app.command("fetch")(fetch)
 
 
 @app.command("init")

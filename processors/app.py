@@ -34,6 +34,8 @@ from schemas import DeadLetter, Stage, encode
 
 APP_ID = "imagegen-processor"
 ADMITTED_AT_HEADER = "imagegen.admitted_at_ms"
+#: Set by `imagegen dlq replay` on the messages it republishes.
+REPLAY_HEADER = "replay.of"
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,9 @@ class IntakeProcessor:
     async def _handle(self, event: EventT) -> None:
         message = event.message
         try:
-            outcome = self.intake.decide(event.value, message.partition, message.offset)
+            outcome = self.intake.decide(
+                event.value, message.partition, message.offset, _replayed(event)
+            )
         except StageFailed as failure:
             await self._dead_letter(event, failure.__cause__ or failure, failure.stage)
             return
@@ -203,6 +207,10 @@ def _headers(event: EventT) -> Headers:
     headers = event.message.headers or []
     items = headers.items() if isinstance(headers, dict) else headers
     return [(name, value or b"") for name, value in items]
+
+
+def _replayed(event: EventT) -> bool:
+    return any(name == REPLAY_HEADER for name, _ in _headers(event))
 
 
 def _now_ms() -> bytes:

@@ -88,8 +88,15 @@ class Intake:
         self._limiter = RateLimiter(settings, buckets, partitions)
         self._clock = clock
 
-    def decide(self, value: bytes | None, partition: int, offset: int) -> Outcome:
-        """The outcome for one record. Raises `StageFailed` only on an unexpected error."""
+    def decide(
+        self, value: bytes | None, partition: int, offset: int, replayed: bool = False
+    ) -> Outcome:
+        """The outcome for one record. Raises `StageFailed` only on an unexpected error.
+
+        `replayed` marks an operator's replay from the DLQ: the same request_id again is
+        then admitted instead of dropped, because its first attempt failed somewhere. A
+        worker never renders an image twice: it publishes the stored one when it exists.
+        """
         with _stage(Stage.VALIDATE):
             try:
                 request = decode(GenerationRequest, value)
@@ -101,7 +108,7 @@ class Intake:
             verdict = self._deduper.check(request, partition, offset, now)
         if verdict.seen is Seen.REDELIVERY:
             return Admit(request)  # tokens were spent the first time
-        if verdict.seen is Seen.PUBLISH_RETRY:
+        if verdict.seen is Seen.PUBLISH_RETRY and not replayed:
             return Drop(request.request_id)
         if verdict.seen is Seen.DUPLICATE:
             return Answer(

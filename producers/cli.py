@@ -7,10 +7,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from consumers.results import ResultSubscriber
 from infra.kafka import check_broker
-from infra.settings import load_settings
+from infra.object_store import ObjectStore
+from infra.settings import Settings, load_settings
 from producers.publisher import RequestPublisher
-from schemas import GenerationRequest, encode
+from schemas import GenerationRequest, GenerationResult, Status, encode
 
 console = Console(soft_wrap=True, highlight=False)
 
@@ -32,10 +34,12 @@ def submit(
         str | None, typer.Option("--format", help="png, jpeg or webp.")
     ] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print the published request as JSON.")
+        bool, typer.Option("--json", help="Print the published request (or result) as JSON.")
     ] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits.", min=0)] = 300.0,
 ) -> None:
-    """Publish a generation request and print its request id."""
+    """Publish a generation request and print its request id (or, with --wait, its result)."""
     options = {
         "idempotency_key": idempotency_key,
         "negative_prompt": negative_prompt,
@@ -51,6 +55,36 @@ def submit(
     request = GenerationRequest.new(prompt=prompt, user_id=user, **given)
     settings = load_settings()
     check_broker(settings)  # fail fast, before librdkafka retries for the delivery timeout
-    with RequestPublisher(settings) as publisher:
+    if not wait:
+        with RequestPublisher(settings) as publisher:
+            publisher.publish(request)
+        console.print(encode(request).decode() if as_json else request.request_id)
+        return
+    # Subscribe first: a result published before the subscriber existed could be missed.
+    with ResultSubscriber(settings) as results, RequestPublisher(settings) as publisher:
         publisher.publish(request)
-    console.print(encode(request).decode() if as_json else request.request_id)
+        with console.status(f"waiting for {request.request_id} ..."):
+            result = results.wait_for([request.request_id], timeout)[request.request_id]
+    print_result(result, settings, as_json)
+    if result.status in (Status.FAILED, Status.REJECTED):
+        raise typer.Exit(1)
+
+
+def print_result(result: GenerationResult, settings: Settings, as_json: bool) -> None:
+    """One result, with a download URL when it succeeded."""
+    url = None
+    if result.status is Status.SUCCEEDED and result.object_key:
+        url = ObjectStore(settings).presigned_url(result.object_key)
+    if as_json:
+        console.print_json(data={**result.model_dump(mode="json"), "url": url})
+        return
+    console.print(f"{result.request_id} {result.status.value}")
+    if result.reason is not None:
+        console.print(f"  reason: {result.reason.value}: {result.detail or ''}")
+    if result.duplicate_of is not None:
+        console.print(f"  duplicate of: {result.duplicate_of}")
+    if result.retry_after_ms is not None:
+        console.print(f"  retry after: {result.retry_after_ms} ms")
+    if url is not None:
+        console.print(f"  object: s3://{result.bucket}/{result.object_key}")
+        console.print(f"  url: {url}")

@@ -172,3 +172,11 @@ def test_invalid_request_with_readable_ids_is_answered_rejected() -> None:
     )
     assert outcome.result.request_id == fields["request_id"]
     assert "steps" in outcome.result.detail
+
+
+def test_a_replay_of_an_admitted_request_is_admitted_again() -> None:
+    intake = make_intake(Clock())
+    original = encode(request())
+    assert isinstance(intake.decide(original, 0, 0), Admit)
+    assert isinstance(intake.decide(original, 0, 7), Drop)  # a publish retry
+    assert isinstance(intake.decide(original, 0, 9, replayed=True), Admit)
