@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: test lint format schemas bench clean
+.PHONY: demo test lint format schemas bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e '.[embedded,dev]'
 	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/imagegen demo
 
 test: $(BIN)/.installed lint
 	$(BIN)/pytest

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -10,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from consumers.cli import worker
+from consumers.dlq_cli import dlq_app
 from consumers.results_cli import fetch, results
 from infra.embedded import EmbeddedStack
 from infra.errors import ImagegenError
@@ -31,11 +34,25 @@ stack_app = typer.Typer(
     "Uses the addresses in IMAGEGEN_KAFKA_BOOTSTRAP and IMAGEGEN_S3_ENDPOINT.",
 )
 app.add_typer(stack_app, name="stack")
+app.add_typer(dlq_app, name="dlq")
 app.command("submit")(submit)
 app.command("processor")(processor)
 app.command("worker")(worker)
 app.command("results")(results)
 app.command("fetch")(fetch)
+
+
+@app.command("demo")
+def demo(
+    count: Annotated[int, typer.Option("-n", "--count", min=1, help="Prompts to submit.")] = 8,
+    out: Annotated[Path, typer.Option(help="Where the images and the contact sheet go.")] = Path(
+        "out"
+    ),
+) -> None:
+    """Run the whole pipeline here: stack, processor, worker, requests, images in ./out/."""
+    from infra.demo import run_demo  # imports the worker's dependencies only when needed
+
+    run_demo(load_settings(), count, out, console)
 
 
 @app.command("init")

@@ -1,0 +1,247 @@
+"""`imagegen demo`: the whole pipeline on one machine, from one command.
+
+It starts what is missing (the embedded stack, a processor, a worker with `tiny`), submits
+prompts from a few users, including a duplicate and a burst beyond one user's rate limit,
+waits for every answer, prints them, downloads the images with a contact sheet, and stops
+everything it started.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from consumers.results import ResultSubscriber
+from infra.embedded import EmbeddedStack
+from infra.errors import ImagegenError
+from infra.kafka import check_broker
+from infra.object_store import ObjectStore
+from infra.provision import provision
+from infra.settings import Settings
+from producers.publisher import RequestPublisher
+from schemas import GenerationRequest, GenerationResult, Status
+
+PROMPTS = (
+    "a lighthouse on a cliff at dusk",
+    "a red fox in fresh snow",
+    "a paper boat on a puddle",
+    "a city skyline made of books",
+    "a teapot shaped like a snail",
+    "a forest of glass trees",
+    "an astronaut tending a garden",
+    "a tram crossing a bridge in fog",
+)
+USERS = ("ann", "bob", "cy")
+BURST_USER = "dee"
+SIZE = {"width": 128, "height": 128, "steps": 8}
+# Tansu holds a group's first join for half the session timeout: keep the demo's short.
+DEMO_SESSION_TIMEOUT_MS = "6000"
+
+
+class DemoFailed(ImagegenError):
+    """The pipeline did not answer every demo request as designed."""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    request: GenerationRequest
+    expect: str  # what the demo shows with it: "render", "duplicate" or "burst"
+
+
+def run_demo(settings: Settings, count: int, out_dir: Path, console: Console) -> None:
+    with ExitStack() as cleanup:
+        cleanup.enter_context(_stack(settings, console))
+        provision(settings, progress=lambda line: console.print(f"  {line}"))
+        logs = Path(settings.state_dir) / "demo"
+        for args in (["processor", "--log-level", "warning"], ["worker", "--model", "tiny"]):
+            cleanup.enter_context(_child(args, logs / f"{args[0]}.log", console))
+        with ResultSubscriber(settings) as results, RequestPublisher(settings) as publisher:
+            _warm_up(settings, results, publisher, console)
+            submitted = _submit(settings, publisher, count)
+            answers = _collect(results, submitted, console)
+        _report(submitted, answers, console)
+        _download(settings, answers, out_dir, console)
+    _check(submitted, answers)
+
+
+@contextmanager
+def _stack(settings: Settings, console: Console) -> Iterator[None]:
+    """Use the broker the settings point at, or start (and later stop) the embedded one."""
+    try:
+        check_broker(settings, timeout_s=2)
+        ObjectStore(settings).check()
+    except ImagegenError:
+        console.print("starting the embedded stack (Tansu broker, moto S3)")
+        stack = EmbeddedStack(settings)
+        stack.up(progress=lambda line: console.print(f"  {line}"))
+        try:
+            yield
+        finally:
+            stack.down()
+            console.print("stopped the embedded stack")
+        return
+    console.print(f"using the stack at {settings.kafka_bootstrap} and {settings.s3_endpoint}")
+    yield
+
+
+@contextmanager
+def _child(args: list[str], log: Path, console: Console) -> Iterator[None]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {"IMAGEGEN_KAFKA_SESSION_TIMEOUT_MS": DEMO_SESSION_TIMEOUT_MS, **os.environ}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "infra", *args], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    console.print(f"started `imagegen {' '.join(args)}` (log: {log})")
+    try:
+        yield
+    finally:
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        console.print(f"stopped `imagegen {args[0]}`")
+
+
+def _warm_up(
+    settings: Settings, results: ResultSubscriber, publisher: RequestPublisher, console: Console
+) -> None:
+    """Wait until one request has gone all the way through, so latencies exclude start-up."""
+    probe = GenerationRequest.new(user_id="demo-warmup", prompt="warm up", **SIZE)
+    publisher.publish(probe)
+    with console.status("waiting for the processor and the worker to start ..."):
+        try:
+            results.wait_for([probe.request_id], timeout_s=300)
+        except ImagegenError as exc:
+            logs = Path(settings.state_dir) / "demo"
+            raise DemoFailed(f"the pipeline did not start: {exc} (see the logs in {logs})") from exc
+
+
+def _submit(settings: Settings, publisher: RequestPublisher, count: int) -> list[Submitted]:
+    submitted = [
+        Submitted(
+            GenerationRequest.new(
+                user_id=USERS[i % len(USERS)],
+                prompt=PROMPTS[i % len(PROMPTS)],
+                idempotency_key=f"demo-{i}",
+                **SIZE,
+            ),
+            "render",
+        )
+        for i in range(count)
+    ]
+    # The same idempotency key again, under a new request id: answered as a duplicate.
+    first = submitted[0].request
+    again = GenerationRequest.new(
+        user_id=first.user_id, prompt=first.prompt, idempotency_key=first.idempotency_key, **SIZE
+    )
+    submitted.append(Submitted(again, "duplicate"))
+    # More than one user's bucket holds, all at once: the excess is rejected.
+    burst = math.ceil(settings.rate_user_burst) + 3
+    submitted += [
+        Submitted(GenerationRequest.new(user_id=BURST_USER, prompt=f"burst {i}", **SIZE), "burst")
+        for i in range(burst)
+    ]
+    for item in submitted:
+        publisher.publish(item.request)
+    return submitted
+
+
+def _collect(
+    results: ResultSubscriber, submitted: list[Submitted], console: Console
+) -> dict[str, GenerationResult]:
+    columns = (TextColumn("answers"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("answers", total=len(submitted))
+        return results.wait_for(
+            [item.request.request_id for item in submitted],
+            timeout_s=600,
+            on_result=lambda _: progress.advance(task),
+        )
+
+
+def _report(
+    submitted: list[Submitted], answers: dict[str, GenerationResult], console: Console
+) -> None:
+    table = Table("request", "user", "shows", "status", "latency")
+    table.add_column("object key or reason", overflow="fold")
+    for item in submitted:
+        result = answers[item.request.request_id]
+        latency_ms = (result.completed_at - item.request.submitted_at).total_seconds() * 1000
+        if result.object_key:
+            where = result.object_key
+        elif result.duplicate_of:
+            where = f"duplicate of …{result.duplicate_of[-6:]}"
+        else:
+            where = result.reason.value if result.reason else ""
+        table.add_row(
+            # ULIDs share their leading (time) characters: the tail tells them apart.
+            f"…{item.request.request_id[-6:]}",
+            item.request.user_id,
+            item.expect,
+            result.status.value,
+            f"{latency_ms:,.0f} ms",
+            where,
+        )
+    console.print(table)
+
+
+def _download(
+    settings: Settings, answers: dict[str, GenerationResult], out_dir: Path, console: Console
+) -> None:
+    store = ObjectStore(settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images: list[tuple[str, Image.Image]] = []
+    for result in answers.values():
+        if result.status is Status.SUCCEEDED and result.object_key:
+            data = store.get(result.object_key)
+            path = out_dir / Path(result.object_key).name
+            path.write_bytes(data)
+            images.append((result.user_id, Image.open(io.BytesIO(data)).convert("RGB")))
+    sheet = out_dir / "contact-sheet.png"
+    _contact_sheet(images).save(sheet)
+    console.print(f"wrote {len(images)} images and {sheet}")
+
+
+def _contact_sheet(images: list[tuple[str, Image.Image]], tile: int = 128) -> Image.Image:
+    columns = max(1, min(6, len(images)))
+    rows = max(1, math.ceil(len(images) / columns))
+    sheet = Image.new("RGB", (columns * tile, rows * (tile + 14)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for index, (user, image) in enumerate(images):
+        x, y = (index % columns) * tile, (index // columns) * (tile + 14)
+        sheet.paste(image.resize((tile, tile)), (x, y))
+        draw.text((x + 2, y + tile + 1), user, fill="black")
+    return sheet
+
+
+def _check(submitted: list[Submitted], answers: dict[str, GenerationResult]) -> None:
+    """Every request answered as designed, or `DemoFailed` says which were not."""
+    wrong = []
+    for item in submitted:
+        status = answers[item.request.request_id].status
+        allowed = {
+            "render": {Status.SUCCEEDED},
+            "duplicate": {Status.DUPLICATE},
+            "burst": {Status.SUCCEEDED, Status.REJECTED},
+        }[item.expect]
+        if status not in allowed:
+            wrong.append(f"{item.request.request_id} ({item.expect}): {status.value}")
+    burst = [answers[i.request.request_id].status for i in submitted if i.expect == "burst"]
+    if Status.REJECTED not in burst:
+        wrong.append("the burst was not rate-limited")
+    if wrong:
+        raise DemoFailed("not every request was answered as designed: " + "; ".join(wrong))
