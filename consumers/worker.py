@@ -122,6 +122,10 @@ class RenderWorker:
         self._stopping = threading.Event()
         self._stop_rendering = threading.Event()
         self._closed = threading.Event()
+        # Object keys with a job in flight, and the jobs for the same key that wait for it
+        # (a request replayed while its first attempt still runs renders once).
+        self._claims: dict[str, tuple[Job, list[Job]]] = {}
+        self._claims_lock = threading.Lock()
         self._checks = ThreadPoolExecutor(self.options.check_threads, "check")
         self._finishers = ThreadPoolExecutor(self.options.finish_threads, "finish")
 
@@ -232,6 +236,8 @@ class RenderWorker:
                 f"model {job.request.model!r} is not served by this worker, which serves: "
                 f"{', '.join(self._renderers)}; start workers with --model {job.request.model}"
             )
+        if not self._claim(job):
+            return
         key = object_key(job.request)
         stored, _ = retrying(
             self._policy, f"look up {key}", lambda: find(self._store, key), self._stopping
@@ -242,9 +248,37 @@ class RenderWorker:
             log.info("%s was stored by an earlier attempt; publishing it", key)
             self._publish_success(job, stored, attempts=1, batch_size=None)
 
+    def _claim(self, job: Job) -> bool:
+        """Take the job's object key, or queue the job behind the one holding it."""
+        key = object_key(job.request)
+        with self._claims_lock:
+            if key in self._claims:
+                self._claims[key][1].append(job)
+                return False
+            self._claims[key] = (job, [])
+            return True
+
+    def _release(self, job: Job) -> None:
+        """The job is done with its key: jobs waiting for it are checked again (and find the
+        stored image, unless this job failed)."""
+        key = object_key(job.request)
+        with self._claims_lock:
+            holder, waiting = self._claims.get(key, (None, []))
+            if holder is not job:
+                return
+            del self._claims[key]
+        for waiter in waiting:
+            if not self._stopping.is_set():  # when stopping, they stay uncommitted
+                self._checks.submit(self._guarded, waiter, Stage.STORE, self._check, waiter)
+
     def _render_loop(self) -> None:
         while not self._stop_rendering.is_set():
-            batch = [j for j in self._batcher.next_batch(0.1) if j.generation == self._generation]
+            batch = []
+            for job in self._batcher.next_batch(0.1):
+                if job.generation == self._generation:
+                    batch.append(job)
+                else:
+                    self._release(job)  # polled before a rebalance: its partition's owner redoes it
             if batch:
                 self._render(batch)
 
@@ -260,7 +294,9 @@ class RenderWorker:
                 self._stopping,
             )
         except Interrupted:
-            return  # released: uncommitted, so the partition's next owner renders them
+            for job in batch:  # uncommitted: the partition's next owner renders them
+                self._release(job)
+            return
         except GaveUp as gave_up:
             if len(batch) > 1 and not is_transient(gave_up.error):
                 # One bad request must not fail the others: render them one by one.
@@ -300,6 +336,7 @@ class RenderWorker:
             work(*args)
         except Interrupted:
             log.info("released %s unfinished: the worker is stopping", job.request.request_id)
+            self._release(job)
         except GaveUp as gave_up:
             self._fail(job, gave_up.error, _stage_of(gave_up.error, stage), gave_up.attempts)
         except Exception as error:
@@ -339,6 +376,7 @@ class RenderWorker:
                 self._dead_letter_only(job.message, KafkaException(error), Stage.PUBLISH, job)
 
         self._send(RESULTS, result.kafka_key, encode(result), delivered)
+        self._release(job)
 
     def _fail(self, job: Job, error: BaseException, stage: Stage, attempts: int) -> None:
         """A failed result for the user and a dead letter for operators; the offset counts
@@ -363,6 +401,7 @@ class RenderWorker:
         )
         self._send(RESULTS, result.kafka_key, encode(result), lambda _error: None)
         self._dead_letter_only(job.message, error, stage, job, attempts)
+        self._release(job)
 
     def _dead_letter_only(
         self,
