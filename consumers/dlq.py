@@ -34,8 +34,9 @@ from infra.kafka import make_admin, make_consumer, make_producer
 from infra.settings import Settings
 from infra.topics import DLQ, TOPICS
 from schemas import DeadLetter, Stage
+from schemas.dead_letters import REPLAY_HEADER
 
-REPLAY_HEADER = "replay.of"
+__all__ = ["REPLAY_HEADER", "Entry", "Filters", "ReplaySummary", "read_dlq", "replay"]
 #: Where a replay may publish. The DLQ itself is no original topic.
 REPLAYABLE_TOPICS = frozenset(spec.name for spec in TOPICS) - {DLQ}
 

@@ -56,6 +56,7 @@ class ResultSubscriber:
         metadata = self._consumer.list_topics(RESULTS, timeout=10)
         partitions = sorted(metadata.topics[RESULTS].partitions)
         self._ends = {p: self._end_of(p) for p in partitions}
+        self._starts = {p: 0 if start == "beginning" else end for p, end in self._ends.items()}
         self._consumer.assign(
             [
                 TopicPartition(RESULTS, p, OFFSET_BEGINNING if start == "beginning" else end)
@@ -79,17 +80,10 @@ class ResultSubscriber:
 
     def until_caught_up(self) -> Iterator[GenerationResult]:
         """The results up to the ends reported when the subscriber was created, then stop."""
-        pending = {p for p, end in self._ends.items() if end > 0}
+        pending = set(self._ends)
         while pending:
-            for message in self._consumer.consume(500, timeout=1.0):
-                if message.error() is not None:
-                    continue
-                if message.offset() + 1 >= self._ends.get(message.partition(), 0):
-                    pending.discard(message.partition())
-                result = _decoded(message.value())
-                if result is not None:
-                    yield result
-            pending = {p for p in pending if self._position(p) < self._ends[p]}
+            yield from self._poll(1.0)
+            pending = {p for p in pending if not self._caught_up(p)}
 
     def wait_for(
         self,
@@ -131,9 +125,15 @@ class ResultSubscriber:
         )
         return high
 
-    def _position(self, partition: int) -> int:
-        (position,) = self._consumer.position([TopicPartition(RESULTS, partition)])
-        return position.offset
+    def _caught_up(self, partition: int) -> bool:
+        """Some brokers (Tansu) answer "where does it end" with an offset inside the last
+        batch; the end that a fetch response carries is the true one. So a partition is
+        caught up only once a fetch has answered and the position has passed both."""
+        tp = TopicPartition(RESULTS, partition)
+        (position,) = self._consumer.position([tp])
+        at = position.offset if position.offset >= 0 else self._starts[partition]
+        _low, fetched_end = self._consumer.get_watermark_offsets(tp, cached=True)
+        return fetched_end >= 0 and at >= max(self._ends[partition], fetched_end)
 
 
 def _decoded(value: bytes | None) -> GenerationResult | None:

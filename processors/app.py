@@ -31,11 +31,10 @@ from infra.topics import DLQ, RENDER, REQUESTS, RESULTS, ensure_topics
 from processors.flow_control import App
 from processors.intake import Admit, Answer, Drop, Intake, Invalid, Outcome, StageFailed
 from schemas import DeadLetter, Stage, encode
+from schemas.dead_letters import REPLAY_HEADER
 
 APP_ID = "imagegen-processor"
 ADMITTED_AT_HEADER = "imagegen.admitted_at_ms"
-#: Set by `imagegen dlq replay` on the messages it republishes.
-REPLAY_HEADER = "replay.of"
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ import pytest
 from confluent_kafka import TopicPartition
 from PIL import Image
 
+from consumers.dlq import Filters, read_dlq, replay
 from consumers.storage import object_key
 from consumers.worker import GROUP_ID
 from infra.kafka import make_consumer, make_producer
@@ -248,3 +249,39 @@ def _boto(stack: Settings):
         aws_secret_access_key=stack.s3_secret_key.get_secret_value(),
         region_name=stack.s3_region,
     )
+
+
+def test_a_request_failed_by_an_outage_succeeds_after_replay_and_renders_once(
+    worker_factory, isolated_stack
+) -> None:
+    s3 = _boto(isolated_stack)
+    s3.put_bucket_versioning(
+        Bucket=isolated_stack.s3_bucket, VersioningConfiguration={"Status": "Enabled"}
+    )
+    host, port = isolated_stack.s3_endpoint.rsplit(":", 1)
+    proxy = Proxy(host, int(port))
+    through_proxy = isolated_stack.model_copy(update={"s3_endpoint": proxy.address})
+    request = small_requests(1)[0]
+    try:
+        worker_factory(stack=through_proxy, max_attempts="1")
+        proxy.cut()
+        submit(isolated_stack, [request])
+        (failed,) = results(isolated_stack, {request.request_id})[request.request_id]
+        assert (failed.status, failed.reason) == (Status.FAILED, Reason.STORE_ERROR)
+        proxy.restore()
+
+        entries = list(read_dlq(isolated_stack, Filters(request_id=request.request_id)))
+        assert [entry.letter.stage for entry in entries] == [Stage.STORE]
+        replay(isolated_stack, entries)
+        replay(isolated_stack, entries)  # the same entry twice
+        answers = [
+            decode(GenerationResult, m.value())
+            for m in read_topic(isolated_stack, RESULTS, lambda ms: len(ms) >= 3)
+        ]
+    finally:
+        proxy.close()
+    assert [a.status for a in answers] == [Status.FAILED, Status.SUCCEEDED, Status.SUCCEEDED]
+    rendered = [a for a in answers if a.batch_size is not None]
+    assert len(rendered) == 1  # the other replay found the stored image
+    versions = s3.list_object_versions(Bucket=isolated_stack.s3_bucket).get("Versions", [])
+    assert [v["Key"] for v in versions] == [object_key(request)]
