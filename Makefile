@@ -31,6 +31,7 @@ format: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench.intake
+	$(BIN)/python -m bench.render
 
 schemas: $(BIN)/.installed
 	$(BIN)/python -m schemas.export
