@@ -11,6 +11,8 @@ from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
 
 from infra.kafka import make_consumer
 from infra.settings import Settings
+from infra.topics import RESULTS
+from schemas import GenerationResult, decode
 
 
 def free_port() -> int:
@@ -44,3 +46,22 @@ def read_topic(
     finally:
         consumer.close()
     return messages
+
+
+def results_for(
+    settings: Settings, expected: set[str], timeout_s: float = 120
+) -> dict[str, list[GenerationResult]]:
+    """Every result on imagegen.results by request id, read until each of `expected` has one."""
+    found: dict[str, list[GenerationResult]] = {}
+    scanned = 0
+
+    def answered(messages: list[Message]) -> bool:
+        nonlocal scanned
+        for message in messages[scanned:]:
+            result = decode(GenerationResult, message.value())
+            found.setdefault(result.request_id, []).append(result)
+        scanned = len(messages)
+        return expected <= found.keys()
+
+    read_topic(settings, RESULTS, answered, timeout_s)
+    return found

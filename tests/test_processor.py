@@ -30,7 +30,7 @@ from schemas import (
     encode,
 )
 from tests.conftest import settings_env
-from tests.helpers import read_topic
+from tests.helpers import read_topic, results_for
 from tests.processes import Service
 
 
@@ -67,22 +67,6 @@ def rendered_ids(stack: Settings, expected: set[str], timeout_s: float = 60) -> 
 
     read_topic(stack, RENDER, seen_all, timeout_s)
     return ids
-
-
-def results_for(stack: Settings, expected: set[str]) -> dict[str, list[GenerationResult]]:
-    found: dict[str, list[GenerationResult]] = {}
-    scanned = 0
-
-    def answered(messages: list) -> bool:
-        nonlocal scanned
-        for message in messages[scanned:]:
-            result = decode(GenerationResult, message.value())
-            found.setdefault(result.request_id, []).append(result)
-        scanned = len(messages)
-        return expected <= found.keys()
-
-    read_topic(stack, RESULTS, answered, timeout_s=60)
-    return found
 
 
 DEDUPE_AND_LIMITS = {

@@ -32,7 +32,7 @@ from schemas import (
     encode,
 )
 from tests.conftest import settings_env
-from tests.helpers import read_topic
+from tests.helpers import read_topic, results_for
 from tests.processes import Service
 from tests.proxy import Proxy
 
@@ -70,24 +70,6 @@ def submit(stack: Settings, requests: list[GenerationRequest], extra: list[bytes
     assert producer.flush(30) == 0
 
 
-def results(
-    stack: Settings, expected: set[str], timeout_s: float = 120
-) -> dict[str, list[GenerationResult]]:
-    found: dict[str, list[GenerationResult]] = {}
-    scanned = 0
-
-    def answered(messages: list) -> bool:
-        nonlocal scanned
-        for message in messages[scanned:]:
-            result = decode(GenerationResult, message.value())
-            found.setdefault(result.request_id, []).append(result)
-        scanned = len(messages)
-        return expected <= found.keys()
-
-    read_topic(stack, RESULTS, answered, timeout_s)
-    return found
-
-
 def small_requests(count: int, **fields: object) -> list[GenerationRequest]:
     return [
         GenerationRequest.new(
@@ -107,7 +89,7 @@ def test_images_are_stored_and_described_by_their_results(worker_factory, isolat
     ]
     worker_factory()
     submit(isolated_stack, requests)
-    found = results(isolated_stack, {r.request_id for r in requests})
+    found = results_for(isolated_stack, {r.request_id for r in requests})
     store = ObjectStore(isolated_stack)
     for request in requests:
         (result,) = found[request.request_id]
@@ -127,7 +109,7 @@ def test_compatible_requests_share_one_forward_pass(worker_factory, isolated_sta
     requests = small_requests(4)
     submit(isolated_stack, requests)  # all waiting before the worker starts
     worker_factory("--max-batch", "4", "--max-wait-ms", "3000")
-    found = results(isolated_stack, {r.request_id for r in requests})
+    found = results_for(isolated_stack, {r.request_id for r in requests})
     assert {found[r.request_id][0].batch_size for r in requests} == {4}
 
 
@@ -141,7 +123,7 @@ def test_poison_requests_are_dead_lettered_without_holding_up_their_partition(
     submit(isolated_stack, good)
     worker_factory()
 
-    found = results(isolated_stack, {r.request_id for r in [unknown, *good]})
+    found = results_for(isolated_stack, {r.request_id for r in [unknown, *good]})
     assert all(found[r.request_id][0].status is Status.SUCCEEDED for r in good)
     (failed,) = found[unknown.request_id]
     assert (failed.status, failed.reason) == (Status.FAILED, Reason.UNKNOWN_MODEL)
@@ -169,7 +151,7 @@ def test_an_object_store_outage_is_retried_and_loses_nothing(
         # The outage lasts until the worker has demonstrably hit it and backed off.
         wait_for_line(worker.log, "retrying in")
         proxy.restore()
-        found = results(isolated_stack, {r.request_id for r in requests})
+        found = results_for(isolated_stack, {r.request_id for r in requests})
     finally:
         proxy.close()
     assert all(found[r.request_id][0].status is Status.SUCCEEDED for r in requests)
@@ -191,7 +173,7 @@ def test_sigkill_repeatedly_leaves_exactly_one_object_per_request(
         wait_for_results(isolated_stack, 30 * round_)
         worker.kill()
     worker_factory("--max-batch", "8")
-    found = results(isolated_stack, everything, timeout_s=300)
+    found = results_for(isolated_stack, everything, timeout_s=300)
 
     versions = s3.list_object_versions(Bucket=isolated_stack.s3_bucket).get("Versions", [])
     per_key: dict[str, int] = {}
@@ -226,7 +208,7 @@ def test_sigterm_finishes_in_flight_work_and_commits_it(worker_factory, isolated
         for m in read_topic(isolated_stack, RENDER, lambda ms: len(ms) >= len(requests))
         if m.offset() < committed[m.partition()]
     }
-    found = results(isolated_stack, done, timeout_s=30)
+    found = results_for(isolated_stack, done, timeout_s=30)
     assert all(found[request_id][0].status is Status.SUCCEEDED for request_id in done)
 
 
@@ -266,7 +248,7 @@ def test_a_request_failed_by_an_outage_succeeds_after_replay_and_renders_once(
         worker_factory(stack=through_proxy, max_attempts="1")
         proxy.cut()
         submit(isolated_stack, [request])
-        (failed,) = results(isolated_stack, {request.request_id})[request.request_id]
+        (failed,) = results_for(isolated_stack, {request.request_id})[request.request_id]
         assert (failed.status, failed.reason) == (Status.FAILED, Reason.STORE_ERROR)
         proxy.restore()
 
