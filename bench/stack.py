@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from infra.embedded import EmbeddedStack
-from infra.settings import Settings, load_settings
+from infra.settings import Settings, as_environment, load_settings
 
 # Tansu holds a consumer group's first join for half the session timeout.
 SESSION_TIMEOUT_MS = 2000
@@ -40,12 +40,10 @@ def private_stack() -> Iterator[Settings]:
 
 
 def child_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment that points an `imagegen` child process at `settings`' stack."""
+    """The environment that points an `imagegen` child process at `settings`' stack, with
+    `extra` settings (by name, lowercase) on top."""
     return {
         **os.environ,
-        "IMAGEGEN_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "IMAGEGEN_S3_ENDPOINT": settings.s3_endpoint,
-        "IMAGEGEN_STATE_DIR": settings.state_dir,
-        "IMAGEGEN_KAFKA_SESSION_TIMEOUT_MS": str(settings.kafka_session_timeout_ms),
+        **as_environment(settings),
         **{f"IMAGEGEN_{name.upper()}": value for name, value in extra.items()},
     }

@@ -5,6 +5,7 @@ One plain typed object: every process builds it once with `load_settings()` and 
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -119,6 +120,26 @@ class Settings(BaseSettings):
         }
         config.update({key: value for key, value in optional.items() if value is not None})
         return config
+
+
+def as_environment(settings: Settings) -> dict[str, str]:
+    """`settings` as `IMAGEGEN_*` variables, so that a child process loads the same ones."""
+    dumped = settings.model_dump(mode="json")
+    environment: dict[str, str] = {}
+    for name, value in dumped.items():
+        raw = getattr(settings, name)
+        if raw is None:
+            continue
+        if isinstance(raw, SecretStr):
+            text = raw.get_secret_value()  # model_dump masks secrets
+        elif isinstance(value, dict | list):
+            text = json.dumps(value)
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        else:
+            text = str(value)
+        environment[f"IMAGEGEN_{name.upper()}"] = text
+    return environment
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -16,7 +16,7 @@ import pytest
 
 from infra.embedded import EmbeddedStack
 from infra.provision import provision
-from infra.settings import Settings, load_settings
+from infra.settings import Settings, as_environment, load_settings
 from tests.helpers import free_port
 
 # Tansu holds a group's first join for half the session timeout: keep it short in tests.
@@ -25,16 +25,7 @@ TEST_SESSION_TIMEOUT_MS = 2000
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """Environment that points a child process (the CLI, a worker) at `settings`' stack."""
-    return {
-        **os.environ,
-        "IMAGEGEN_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "IMAGEGEN_S3_ENDPOINT": settings.s3_endpoint,
-        "IMAGEGEN_S3_ACCESS_KEY": settings.s3_access_key,
-        "IMAGEGEN_S3_SECRET_KEY": settings.s3_secret_key.get_secret_value(),
-        "IMAGEGEN_S3_BUCKET": settings.s3_bucket,
-        "IMAGEGEN_STATE_DIR": settings.state_dir,
-        "IMAGEGEN_KAFKA_SESSION_TIMEOUT_MS": str(settings.kafka_session_timeout_ms),
-    }
+    return {**os.environ, **as_environment(settings)}
 
 
 def _docker_stack() -> Iterator[Settings]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from infra.errors import ConfigError
-from infra.settings import load_settings
+from infra.settings import as_environment, load_settings
 
 
 def test_defaults_point_at_the_local_stack(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -66,3 +66,16 @@ def test_a_bad_value_names_its_variable(
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=name):
         load_settings()
+
+
+def test_the_environment_form_loads_the_same_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = load_settings(
+        kafka_bootstrap="10.0.0.1:9092,10.0.0.2:9092",
+        kafka_sasl_password="s3cret",
+        s3_secure=True,
+        rate_user_overrides={"gold": {"per_s": 20, "burst": 50}},
+        dedupe_window_s=3.5,
+    )
+    for name, value in as_environment(original).items():
+        monkeypatch.setenv(name, value)
+    assert load_settings() == original
