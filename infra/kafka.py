@@ -11,9 +11,17 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka import (
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 
 from infra.errors import BrokerUnavailable
@@ -95,3 +103,45 @@ def _accepts_connections(address: str, timeout_s: float) -> bool:
     except OSError:
         return False
     return True
+
+
+def fetched_end_offsets(
+    settings: Settings, partitions: list[tuple[str, int]], timeout_s: float = 30.0
+) -> dict[tuple[str, int], int]:
+    """Each partition's end offset as a fetch reports it: the offset the next record will get.
+
+    ListOffsets is the usual way to ask, but some Kafka-protocol brokers (Tansu 0.6.0, the
+    embedded one) answer it with an offset inside the partition's last multi-record batch.
+    Fetch responses carry the true end on every broker: reading from that answer to the end
+    of the partition finds it.
+    """
+    if not partitions:
+        return {}
+    consumer = make_consumer(
+        settings,
+        group_id="imagegen-end-offsets",  # never joined nor committed: partitions are assigned
+        **{"enable.partition.eof": True, "enable.auto.commit": False, "fetch.wait.max.ms": 10},
+    )
+    try:
+        consumer.assign([TopicPartition(topic, p, OFFSET_END) for topic, p in partitions])
+        ends: dict[tuple[str, int], int] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(ends) < len(partitions):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(partitions) - set(ends))
+                raise BrokerUnavailable(
+                    f"no end offset for {missing} within {timeout_s:g}s; is the broker at "
+                    f"{settings.kafka_bootstrap} healthy?"
+                )
+            message = consumer.poll(min(remaining, 1.0))
+            if message is None:
+                continue
+            error = message.error()
+            if error is not None and error.code() == KafkaError._PARTITION_EOF:
+                ends[(message.topic(), message.partition())] = message.offset()
+            elif error is not None and error.fatal():
+                raise KafkaException(error)
+        return ends
+    finally:
+        consumer.close()

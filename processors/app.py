@@ -15,10 +15,12 @@ Guarantees, and where they are enforced:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import ssl
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +30,18 @@ from faust.types import EventT, StreamT
 from infra.kafka import check_broker, make_admin
 from infra.settings import Settings
 from infra.topics import DLQ, RENDER, REQUESTS, RESULTS, ensure_topics
-from processors.flow_control import App
+from processors.faust_app import App
 from processors.intake import Admit, Answer, Drop, Intake, Invalid, Outcome, StageFailed
+from processors.state import WriteBehind, current_event
 from schemas import DeadLetter, Stage, encode
 from schemas.dead_letters import REPLAY_HEADER
 
 APP_ID = "imagegen-processor"
 ADMITTED_AT_HEADER = "imagegen.admitted_at_ms"
+# A batch closes at BATCH_MAX records or BATCH_WITHIN_S after its first, whichever is first:
+# big enough to amortise a broker round trip, short enough to add no noticeable latency.
+BATCH_MAX = 500
+BATCH_WITHIN_S = 0.005
 
 log = logging.getLogger(__name__)
 
@@ -60,24 +67,45 @@ class IntakeProcessor:
 
         raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
         self.requests = self.app.topic(REQUESTS, **raw)
-        self.render = self.app.topic(RENDER, **raw)
-        self.results = self.app.topic(RESULTS, **raw)
-        self.dlq = self.app.topic(DLQ, **raw)
         # Tables serialise keys and values as JSON, so str keys come back from the changelog
         # as str (raw keys would come back as bytes and miss every lookup).
-        self.intake = Intake(
-            settings,
-            dedupe_memory=self.app.Table("dedupe", partitions=self.partitions),
-            buckets=self.app.Table("buckets", partitions=self.partitions),
-            partitions=self.partitions,
-        )
+        self.state = [
+            WriteBehind(self.app.Table("dedupe", partitions=self.partitions)),
+            WriteBehind(self.app.Table("buckets", partitions=self.partitions)),
+        ]
+        dedupe_memory, buckets = self.state
+        self.intake = Intake(settings, dedupe_memory, buckets, partitions=self.partitions)
         self.app.agent(self.requests, name="intake")(self._consume)
 
     async def _consume(self, stream: StreamT) -> None:
-        async for event in stream.events():
-            await self._handle(event)
+        # Records are handled in batches so that their sends travel together: waiting for
+        # each send's acknowledgement in turn would cost a broker round trip per record.
+        # Events are acked only after every send of their batch is acknowledged.
+        async for events in stream.noack_take(BATCH_MAX, within=BATCH_WITHIN_S):
+            await self._handle_batch(events)
+            for event in events:
+                await stream.ack(event)
 
-    async def _handle(self, event: EventT) -> None:
+    async def _handle_batch(self, events: list[EventT]) -> None:
+        sending = []
+        for event in events:
+            with current_event(event):
+                sending.append((event, await self._start(event)))
+        try:
+            for store in self.state:
+                store.flush()
+        except Exception:
+            # Nothing of this batch is acked yet: the restarted processor decides it again.
+            log.critical("cannot write the intake state; exiting", exc_info=True)
+            os._exit(70)
+        for event, sends in sending:
+            results = await asyncio.gather(*sends, return_exceptions=True)
+            failure = next((r for r in results if isinstance(r, BaseException)), None)
+            if failure is not None:
+                await self._dead_letter(event, failure, Stage.PUBLISH)
+
+    async def _start(self, event: EventT) -> list[Awaitable[Any]]:
+        """Decide the event's outcome and start its sends; return their acknowledgements."""
         message = event.message
         try:
             outcome = self.intake.decide(
@@ -85,25 +113,28 @@ class IntakeProcessor:
             )
         except StageFailed as failure:
             await self._dead_letter(event, failure.__cause__ or failure, failure.stage)
-            return
+            return []
         try:
-            await self._perform(outcome, event)
+            return await self._perform(outcome, event)
         except Exception as exc:
             await self._dead_letter(event, exc, Stage.PUBLISH)
+            return []
 
-    async def _perform(self, outcome: Outcome, event: EventT) -> None:
+    async def _perform(self, outcome: Outcome, event: EventT) -> list[Awaitable[Any]]:
         match outcome:
             case Admit():
                 admitted = [*_headers(event), (ADMITTED_AT_HEADER, _now_ms())]
-                await _delivered(self.render, event.key, event.value, admitted)
+                return [await self._send(RENDER, event.key, event.value, admitted)]
             case Answer(result=result):
-                await _delivered(self.results, result.kafka_key, encode(result), [])
+                return [await self._send(RESULTS, result.kafka_key, encode(result), [])]
             case Drop(request_id=request_id):
                 log.debug("dropped publish retry of %s", request_id)
+                return []
             case Invalid(error=error, result=result):
                 await self._dead_letter(event, error, Stage.VALIDATE)
-                if result is not None:
-                    await _delivered(self.results, result.kafka_key, encode(result), [])
+                if result is None:
+                    return []
+                return [await self._send(RESULTS, result.kafka_key, encode(result), [])]
 
     async def _dead_letter(self, event: EventT, error: BaseException, stage: Stage) -> None:
         message = event.message
@@ -126,11 +157,22 @@ class IntakeProcessor:
         else:
             log.error("dead-lettered %s at stage %s", where, stage.value, exc_info=error)
         try:
-            await _delivered(self.dlq, letter.key, letter.value, letter.headers())
+            await (await self._send(DLQ, letter.key, letter.value, letter.headers()))
         except Exception:
             # The record is not acked yet: exiting now makes the next processor read it again.
             log.critical("cannot write to %s; exiting so the record is retried", DLQ, exc_info=True)
             os._exit(70)
+
+    async def _send(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: Headers
+    ) -> Awaitable[Any]:
+        """Hand a record to the producer; the returned awaitable resolves once the broker
+        acknowledges it, and raises if it never does. (The producer itself, not a faust
+        topic: the values are bytes already, and faust's channel machinery per record
+        costs more than the rest of the intake.)"""
+        return await self.app.producer.send(
+            topic, key, value, partition=None, timestamp=None, headers=headers
+        )
 
     def run(self, loglevel: str = "info") -> None:
         """Run until SIGTERM or SIGINT; faust's worker stops the app gracefully."""
@@ -145,6 +187,7 @@ def _make_app(settings: Settings, partitions: int, replication: int) -> faust.Ap
     session_s = settings.kafka_session_timeout_ms / 1000
     return App(
         APP_ID,
+        settings=settings,
         broker=[f"kafka://{address.strip()}" for address in settings.kafka_bootstrap.split(",")],
         broker_credentials=_credentials(settings),
         store="memory://",
@@ -160,11 +203,7 @@ def _make_app(settings: Settings, partitions: int, replication: int) -> faust.Ap
         broker_rebalance_timeout=session_s,
         broker_commit_interval=1.0,
         stream_wait_empty=False,
-        # One record per produce batch. Some Kafka-protocol brokers (Tansu 0.6.0, the
-        # embedded one) report a partition's end inside its last multi-record batch, and
-        # faust's table recovery stops there, dropping the newest table updates. Batches of
-        # one end where they say. Our sends are awaited one by one, so little is lost.
-        producer_max_batch_size=1,
+        producer_linger=0.02,
     )
 
 
@@ -192,14 +231,6 @@ def _credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
         mechanism=security["sasl.mechanism"],
         ssl_context=context,
     )
-
-
-async def _delivered(
-    topic: faust.TopicT, key: bytes | None, value: bytes | None, headers: Headers
-) -> None:
-    """Send and wait for the broker's acknowledgement; raise if it never comes."""
-    pending = await topic.send(key=key, value=value, headers=headers)
-    await pending
 
 
 def _headers(event: EventT) -> Headers:

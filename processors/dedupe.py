@@ -3,10 +3,10 @@ when, for `IMAGEGEN_DEDUPE_WINDOW_S`."""
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
 from dataclasses import dataclass
 from enum import Enum
 
+from processors.state import Store
 from schemas import GenerationRequest
 
 
@@ -37,7 +37,7 @@ class Deduper:
     is another record with the same request_id (drop it).
     """
 
-    def __init__(self, memory: MutableMapping[str, list], window_s: float) -> None:
+    def __init__(self, memory: Store, window_s: float) -> None:
         self._memory = memory
         self._window_s = window_s
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -18,6 +18,7 @@ from infra.errors import InvalidMessage
 from infra.settings import Settings
 from processors.dedupe import Deduper, Seen
 from processors.ratelimit import RateLimiter
+from processors.state import Store
 from schemas import GenerationRequest, GenerationResult, Reason, Stage, Status, decode
 from schemas.fields import RequestId, UserId, utc_now
 
@@ -79,8 +80,8 @@ class Intake:
     def __init__(
         self,
         settings: Settings,
-        dedupe_memory: MutableMapping[str, list],
-        buckets: MutableMapping[str, list[float]],
+        dedupe_memory: Store,
+        buckets: Store,
         partitions: int,
         clock: Callable[[], float] = time.time,
     ) -> None:

@@ -11,10 +11,10 @@ others idle, and bursts round up to 1 token (see README, "Rate limits").
 from __future__ import annotations
 
 import math
-from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 from infra.settings import Settings
+from processors.state import Store
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,7 @@ class RateLimiter:
     table in the processor, so the buckets survive restarts.
     """
 
-    def __init__(
-        self, settings: Settings, buckets: MutableMapping[str, list[float]], partitions: int
-    ) -> None:
+    def __init__(self, settings: Settings, buckets: Store, partitions: int) -> None:
         self._buckets = buckets
         self._default = Limit(settings.rate_user_per_s, settings.rate_user_burst)
         self._overrides = {
