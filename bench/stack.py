@@ -30,6 +30,9 @@ def private_stack() -> Iterator[Settings]:
             s3_endpoint=f"127.0.0.1:{_free_port()}",
             state_dir=str(Path(state_dir)),
             kafka_session_timeout_ms=SESSION_TIMEOUT_MS,
+            # Benchmarks run beside other work: the default metrics ports may be taken.
+            processor_metrics_port=0,
+            worker_metrics_port=0,
         )
         stack = EmbeddedStack(settings)
         stack.up(progress=lambda _: None)

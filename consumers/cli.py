@@ -5,12 +5,18 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from infra.logs import configure_logging
+from infra.metrics import LagMonitor, serve
 from infra.settings import load_settings
+from infra.topics import RENDER
+
+log = logging.getLogger(__name__)
 
 
 def worker(
@@ -27,11 +33,30 @@ def worker(
     max_wait_ms: Annotated[
         float, typer.Option(min=0, help="Longest wait for company before a batch runs.")
     ] = 10.0,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            help="debug, info, warning, error or critical; default IMAGEGEN_LOG_LEVEL (info)."
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Port of the Prometheus endpoint, 0 for none; give each worker on a host its "
+            "own; default IMAGEGEN_WORKER_METRICS_PORT (9465).",
+        ),
+    ] = None,
 ) -> None:
     """Render requests from imagegen.render, store the images, publish the results."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    settings = load_settings()
+    configure_logging(settings, log_level)
+    # Before the slow model load, so that a taken port fails at once.
+    metrics = serve(
+        settings.worker_metrics_port if metrics_port is None else metrics_port,
+        settings.metrics_host,
+        setting="--metrics-port (or IMAGEGEN_WORKER_METRICS_PORT)",
     )
     # OpenMP threads that spin while waiting for work starve everything else on a busy
     # CPU host (Kafka, S3, other processes): measured 3-5x slower renders under load.
@@ -41,25 +66,33 @@ def worker(
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from consumers.models import ModelRegistry, resolve_device, resolve_dtype
-    from consumers.rendering import Renderer
-    from consumers.worker import RenderWorker, WorkerOptions
-
-    # Their per-load progress bars and advice would drown the worker's own log.
+    # Their per-load progress bars and advice would drown the worker's own log, and their
+    # own stderr handlers would write plain text between its structured lines. Before the
+    # imports below: importing the pipelines already gives advice.
     for library in (diffusers_logging, transformers_logging):
         library.set_verbosity_error()
         library.disable_progress_bar()
-    settings = load_settings()
+        library.disable_default_handler()
+        library.enable_propagation()
+
+    from consumers.models import ModelRegistry, resolve_device, resolve_dtype
+    from consumers.rendering import Renderer
+    from consumers.worker import GROUP_ID, RenderWorker, WorkerOptions
+
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     started = time.monotonic()
-    typer.echo(f"loading {', '.join(model)} on {torch_device} ({torch_dtype}) ...", err=True)
+    log.info("loading %s on %s (%s)", ", ".join(model), torch_device, torch_dtype)
     registry = ModelRegistry.load(
         model, torch_device, torch_dtype, Path(settings.state_dir) / "models"
     )
-    typer.echo(f"loaded in {time.monotonic() - started:.1f}s", err=True)
+    log.info("loaded in %.1fs", time.monotonic() - started)
     renderers = {name: Renderer(registry.get(name), torch_device) for name in registry.names}
     options = WorkerOptions(
         max_batch=max_batch, max_wait_ms=max_wait_ms, max_in_flight=max(32, 4 * max_batch)
     )
-    RenderWorker(settings, renderers, options).run()
+    render_worker = RenderWorker(settings, renderers, options)
+    # Lag is only worth reading where something scrapes it.
+    lag = LagMonitor(settings, GROUP_ID, [RENDER]) if metrics is not None else nullcontext()
+    with lag:
+        render_worker.run()

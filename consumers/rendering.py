@@ -70,6 +70,10 @@ class Renderer:
         self._pipeline = pipeline
         self._device = device
 
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
     def render(self, requests: Sequence[GenerationRequest]) -> list[Image.Image]:
         """One image per request, in order, from a single pipeline call.
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from infra.errors import ImagegenError
+from infra.metrics import RETRIES
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,16 @@ class Interrupted(ImagegenError):
 
 
 def retrying(
-    policy: RetryPolicy, what: str, operation: Callable[[], T], stop: threading.Event
+    policy: RetryPolicy,
+    what: str,
+    operation: Callable[[], T],
+    stop: threading.Event,
+    *,
+    stage: str,
 ) -> tuple[T, int]:
     """Run `operation` until it succeeds; return its value and the attempts it took.
+
+    `stage` (render, store, ...) labels the retries in `imagegen_retries_total` and the logs.
 
     Raises `GaveUp` (with the last error as its cause) at once for a permanent error, or
     when a transient one outlasts `policy.max_attempts`; `Interrupted` when `stop` is set
@@ -63,8 +71,14 @@ def retrying(
             if not is_transient(error) or attempt >= policy.max_attempts:
                 raise GaveUp(error, attempt) from error
             delay = policy.delay(attempt)
+            RETRIES.labels(stage).inc()
             log.warning(
-                "%s failed (attempt %d), retrying in %.2fs: %s", what, attempt, delay, error
+                "%s failed (attempt %d), retrying in %.2fs: %s",
+                what,
+                attempt,
+                delay,
+                error,
+                extra={"stage": stage},
             )
             if stop.wait(delay):
                 raise Interrupted(f"stopped while retrying {what}") from error

@@ -12,6 +12,13 @@ Threads, and what each one owns:
 - a finish pool encodes, stores and publishes every rendered image.
 - a delivery thread serves the producer's delivery reports.
 
+Observability: each request gets a span (`infra.tracing`) from the moment it is accepted
+until its result is published, as the child of the trace context in its headers; the
+result carries that span's `traceparent`, and a dead letter keeps the original headers, so
+a replay continues the original trace. Every log line about a request carries its
+`request_id` (and partition, offset, trace id): the work of each request runs inside its
+`log_context`.
+
 Commit order, enforced in `_store_finished`: an offset is stored only once the broker has
 acknowledged the request's result (and, for a failure, its dead letter), and once every
 earlier offset of the partition is finished too (`OffsetTracker`). librdkafka's background
@@ -29,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,9 +50,22 @@ from consumers.rendering import Renderer, batch_key, encode_image, seed_for
 from consumers.retry import GaveUp, Interrupted, RetryPolicy, is_transient, retrying
 from consumers.storage import StoredImage, find, object_key, store_once
 from infra.kafka import check_broker, make_admin, make_consumer, make_producer
+from infra.logs import log_context
+from infra.metrics import (
+    DLQ_RECORDS,
+    ENCODE_SECONDS,
+    IN_FLIGHT,
+    RECORDS_CONSUMED,
+    RECORDS_PRODUCED,
+    RENDER_BATCH_SIZE,
+    RENDER_SECONDS,
+    UPLOAD_SECONDS,
+    observe_gpu_memory,
+)
 from infra.object_store import ObjectStore
 from infra.settings import Settings
 from infra.topics import DLQ, RENDER, RESULTS, ensure_topics
+from infra.tracing import Span, start_span
 from processors.app import ADMITTED_AT_HEADER
 from schemas import (
     DeadLetter,
@@ -82,6 +103,7 @@ class Job:
     request: GenerationRequest
     generation: int  # the assignment it was polled in; older jobs' completions are ignored
     admitted_at_ms: int
+    span: Span
     render_started_ms: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -159,6 +181,7 @@ class RenderWorker:
         if message.error() is not None:
             log.warning("consumer error: %s", message.error())
             return
+        RECORDS_CONSUMED.labels(RENDER).inc()
         self._tracker.started(message.partition(), message.offset())
         try:
             request = decode(GenerationRequest, message.value())
@@ -166,7 +189,19 @@ class RenderWorker:
             # The processor admits valid requests only; this record came another way.
             self._dead_letter_only(message, error, Stage.VALIDATE)
             return
-        job = Job(message, request, self._generation, _admitted_at_ms(message))
+        span = start_span(
+            "imagegen.render",
+            message.headers() or [],
+            kind="consumer",
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.destination.name": RENDER,
+                "imagegen.request_id": request.request_id,
+                "imagegen.user_id": request.user_id,
+                "imagegen.model": request.model,
+            },
+        )
+        job = Job(message, request, self._generation, _admitted_at_ms(message), span)
         self._checks.submit(self._guarded, job, Stage.STORE, self._check, job)
 
     def _store_finished(self) -> None:
@@ -186,6 +221,7 @@ class RenderWorker:
 
     def _apply_backpressure(self) -> None:
         in_flight = self._tracker.in_flight()
+        IN_FLIGHT.set(in_flight)
         if not self._paused and in_flight >= self.options.max_in_flight:
             self._consumer.pause(self._consumer.assignment())
             self._paused = True
@@ -240,7 +276,11 @@ class RenderWorker:
             return
         key = object_key(job.request)
         stored, _ = retrying(
-            self._policy, f"look up {key}", lambda: find(self._store, key), self._stopping
+            self._policy,
+            f"look up {key}",
+            lambda: find(self._store, key),
+            self._stopping,
+            stage=Stage.STORE.value,
         )
         if stored is None:
             self._batcher.put(job)
@@ -261,6 +301,7 @@ class RenderWorker:
     def _release(self, job: Job) -> None:
         """The job is done with its key: jobs waiting for it are checked again (and find the
         stored image, unless this job failed)."""
+        job.span.end()
         key = object_key(job.request)
         with self._claims_lock:
             holder, waiting = self._claims.get(key, (None, []))
@@ -283,6 +324,20 @@ class RenderWorker:
                 self._render(batch)
 
     def _render(self, batch: list[Job]) -> None:
+        context: AbstractContextManager[None]
+        if len(batch) == 1:
+            context = _job_context(batch[0])
+        else:
+            context = log_context(request_ids=[job.request.request_id for job in batch])
+        with context:
+            alone = self._render_batch(batch)
+        # One bad request must not fail the others: render them one by one.
+        for job in alone:
+            self._render([job])
+
+    def _render_batch(self, batch: list[Job]) -> list[Job]:
+        """Render `batch` and hand its images to the finishers; return the jobs to render
+        again one at a time, after a permanent failure of the batch as a whole."""
         renderer = self._renderers[batch[0].request.model]
         started = time.perf_counter()
         started_ms = _now_ms()
@@ -292,27 +347,32 @@ class RenderWorker:
                 "render",
                 lambda: renderer.render([job.request for job in batch]),
                 self._stopping,
+                stage=Stage.RENDER.value,
             )
         except Interrupted:
             for job in batch:  # uncommitted: the partition's next owner renders them
                 self._release(job)
-            return
+            return []
         except GaveUp as gave_up:
             if len(batch) > 1 and not is_transient(gave_up.error):
-                # One bad request must not fail the others: render them one by one.
-                for job in batch:
-                    self._render([job])
-                return
+                return batch
             for job in batch:
                 self._fail(job, gave_up.error, Stage.RENDER, gave_up.attempts)
-            return
-        render_ms = (time.perf_counter() - started) * 1000
+            return []
+        finally:
+            observe_gpu_memory(renderer.device)
+        render_s = time.perf_counter() - started
+        RENDER_SECONDS.observe(render_s)
+        RENDER_BATCH_SIZE.observe(len(batch))
+        render_ms = render_s * 1000
         for job, image in zip(batch, images, strict=True):
+            job.span.set_attribute("imagegen.batch_size", len(batch))
             job.render_started_ms = started_ms
             job.timings["render_ms"] = render_ms
             self._finishers.submit(
                 self._guarded, job, Stage.STORE, self._finish, job, image, len(batch), attempts
             )
+        return []
 
     def _finish(self, job: Job, image: Image.Image, batch_size: int, attempts: int) -> None:
         started = time.perf_counter()
@@ -324,23 +384,28 @@ class RenderWorker:
             f"store {key}",
             lambda: store_once(self._store, key, data, content_type),
             self._stopping,
+            stage=Stage.STORE.value,
         )
+        uploaded = time.perf_counter()
+        ENCODE_SECONDS.observe(encoded - started)
+        UPLOAD_SECONDS.observe(uploaded - encoded)
         job.timings["encode_ms"] = (encoded - started) * 1000
-        job.timings["upload_ms"] = (time.perf_counter() - encoded) * 1000
+        job.timings["upload_ms"] = (uploaded - encoded) * 1000
         self._publish_success(job, stored, max(attempts, store_attempts), batch_size)
 
     def _guarded(self, job: Job, stage: Stage, work: Callable[..., None], *args: Any) -> None:
         """Run pool work so that no exception vanishes into a future: every failure becomes
         a failed result and a dead letter."""
-        try:
-            work(*args)
-        except Interrupted:
-            log.info("released %s unfinished: the worker is stopping", job.request.request_id)
-            self._release(job)
-        except GaveUp as gave_up:
-            self._fail(job, gave_up.error, _stage_of(gave_up.error, stage), gave_up.attempts)
-        except Exception as error:
-            self._fail(job, error, _stage_of(error, stage), 1)
+        with _job_context(job):
+            try:
+                work(*args)
+            except Interrupted:
+                log.info("released %s unfinished: the worker is stopping", job.request.request_id)
+                self._release(job)
+            except GaveUp as gave_up:
+                self._fail(job, gave_up.error, _stage_of(gave_up.error, stage), gave_up.attempts)
+            except Exception as error:
+                self._fail(job, error, _stage_of(error, stage), 1)
 
     # ---- publishing ----------------------------------------------------------------------
 
@@ -375,19 +440,31 @@ class RenderWorker:
             else:
                 self._dead_letter_only(job.message, KafkaException(error), Stage.PUBLISH, job)
 
-        self._send(RESULTS, result.kafka_key, encode(result), delivered)
+        job.span.set_attribute("imagegen.attempts", attempts)
+        self._send(RESULTS, result.kafka_key, encode(result), delivered, job.span.headers)
+        log.info(
+            "%s succeeded: %s (%d bytes, %d attempt(s))",
+            request.request_id,
+            stored.key,
+            stored.size_bytes,
+            attempts,
+        )
         self._release(job)
 
     def _fail(self, job: Job, error: BaseException, stage: Stage, attempts: int) -> None:
         """A failed result for the user and a dead letter for operators; the offset counts
         as finished once both are acknowledged (the dead letter is what must not be lost)."""
-        log.error(
-            "%s failed at %s after %d attempt(s): %s",
-            job.request.request_id,
-            stage.value,
-            attempts,
-            error,
-        )
+        with _job_context(job):
+            log.error(
+                "%s failed at %s after %d attempt(s): %s",
+                job.request.request_id,
+                stage.value,
+                attempts,
+                error,
+                extra={"stage": stage.value},
+            )
+        job.span.set_attribute("imagegen.attempts", attempts)
+        job.span.end(error)
         result = GenerationResult(
             request_id=job.request.request_id,
             user_id=job.request.user_id,
@@ -399,7 +476,7 @@ class RenderWorker:
             worker_id=self.worker_id,
             completed_at=utc_now(),
         )
-        self._send(RESULTS, result.kafka_key, encode(result), lambda _error: None)
+        self._send(RESULTS, result.kafka_key, encode(result), lambda _error: None, job.span.headers)
         self._dead_letter_only(job.message, error, stage, job, attempts)
         self._release(job)
 
@@ -430,8 +507,20 @@ class RenderWorker:
             if delivery_error is not None:
                 # Without its dead letter the record must not be committed: exit before its
                 # offset is stored, so that it is read again.
-                log.critical("cannot write to %s (%s); exiting", DLQ, delivery_error)
+                log.critical(
+                    "cannot write to %s (%s); exiting",
+                    DLQ,
+                    delivery_error,
+                    extra={
+                        "request_id": job.request.request_id if job is not None else None,
+                        "topic": message.topic(),
+                        "partition": message.partition(),
+                        "offset": message.offset(),
+                        "stage": stage.value,
+                    },
+                )
                 os._exit(70)
+            DLQ_RECORDS.labels(stage.value).inc()
             self._finished.put((generation, *_coordinates(message)))
 
         self._send(DLQ, letter.key, letter.value, delivered, letter.headers())
@@ -444,14 +533,17 @@ class RenderWorker:
         delivered: Callable[[KafkaError | None], None],
         headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
+        produced = RECORDS_PRODUCED.labels(topic)
+
+        def on_delivery(error: KafkaError | None, _message: Message) -> None:
+            if error is None:
+                produced.inc()
+            delivered(error)
+
         while True:
             try:
                 self._producer.produce(
-                    topic,
-                    key=key,
-                    value=value,
-                    headers=headers,
-                    on_delivery=lambda error, _message: delivered(error),
+                    topic, key=key, value=value, headers=headers or None, on_delivery=on_delivery
                 )
                 return
             except BufferError:
@@ -472,6 +564,17 @@ class RenderWorker:
             upload_ms=job.timings.get("upload_ms"),
             total_ms=max(0.0, now_ms - submitted_ms),
         )
+
+
+def _job_context(job: Job) -> AbstractContextManager[None]:
+    return log_context(
+        request_id=job.request.request_id,
+        user_id=job.request.user_id,
+        topic=job.message.topic(),
+        partition=job.message.partition(),
+        offset=job.message.offset(),
+        trace_id=job.span.trace_id,
+    )
 
 
 def _admitted_at_ms(message: Message) -> int:

@@ -18,6 +18,7 @@ from infra.embedded import EmbeddedStack
 from infra.errors import ImagegenError
 from infra.provision import provision
 from infra.settings import load_settings
+from infra.status import pipeline_status
 from processors.cli import processor
 from producers.cli import submit
 
@@ -40,6 +41,7 @@ app.command("processor")(processor)
 app.command("worker")(worker)
 app.command("results")(results)
 app.command("fetch")(fetch)
+app.command("status")(pipeline_status)
 
 
 @app.command("demo")

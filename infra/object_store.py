@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 
 import urllib3
 from minio import Minio
-from minio.error import S3Error
+from minio.error import MinioException, S3Error
 from urllib3.exceptions import HTTPError
 
 from infra.errors import ObjectStoreError, ObjectStoreUnavailable
@@ -133,6 +133,10 @@ class ObjectStore:
         with _errors_translated(self.endpoint, "reach the object store"):
             self._client.list_buckets()
 
+    def bucket_exists(self) -> bool:
+        with _errors_translated(self.endpoint, f"look up bucket {self.bucket}"):
+            return self._client.bucket_exists(self.bucket)
+
 
 @contextmanager
 def _errors_translated(endpoint: str, action: str) -> Iterator[None]:
@@ -149,3 +153,10 @@ def _errors_translated(endpoint: str, action: str) -> Iterator[None]:
         transient = exc.response is not None and exc.response.status >= 500
         error = ObjectStoreUnavailable if transient else ObjectStoreError
         raise error(f"could not {action} at {endpoint}: {exc}") from exc
+    except MinioException as exc:
+        # Something answered that is not S3: a proxy's error page while the store restarts,
+        # or another service on the port. Worth retrying, and worth naming the endpoint.
+        raise ObjectStoreUnavailable(
+            f"could not {action}: the server at {endpoint} did not answer like S3 ({exc}). "
+            "Check that IMAGEGEN_S3_ENDPOINT points at your MinIO or S3."
+        ) from exc

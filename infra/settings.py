@@ -15,6 +15,8 @@ from infra.errors import ConfigError
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LogFormat = Literal["json", "text"]
 
 
 def split_host_port(address: str, setting: str) -> tuple[str, int]:
@@ -74,6 +76,19 @@ class Settings(BaseSettings):
     # Where `imagegen stack` keeps pid files and logs of the embedded stack, and workers
     # cache built models.
     state_dir: str = ".imagegen"
+
+    # Observability. A metrics port of 0 serves no metrics; each kind of process has its
+    # own default port so that a processor and a worker can share a host.
+    processor_metrics_port: int = Field(default=9464, ge=0, le=65535)
+    worker_metrics_port: int = Field(default=9465, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "json"
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lowercase(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("kafka_bootstrap")
     @classmethod

@@ -21,6 +21,7 @@ import os
 import ssl
 import time
 from collections.abc import Awaitable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,22 @@ import faust
 from faust.types import EventT, StreamT
 
 from infra.kafka import check_broker, make_admin
+from infra.logs import logging_config
+from infra.metrics import (
+    DLQ_RECORDS,
+    INTAKE_REQUESTS,
+    RECORDS_CONSUMED,
+    RECORDS_PRODUCED,
+    LagMonitor,
+    serve,
+)
 from infra.settings import Settings
 from infra.topics import DLQ, RENDER, REQUESTS, RESULTS, ensure_topics
+from infra.tracing import trace_headers
 from processors.faust_app import App
 from processors.intake import Admit, Answer, Drop, Intake, Invalid, Outcome, StageFailed
 from processors.state import WriteBehind, current_event
-from schemas import DeadLetter, Stage, encode
+from schemas import DeadLetter, GenerationResult, Stage, Status, encode
 from schemas.dead_letters import REPLAY_HEADER
 
 APP_ID = "imagegen-processor"
@@ -46,12 +57,15 @@ BATCH_WITHIN_S = 0.005
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
+# A record handed to the producer: its topic, and the broker's acknowledgement to await.
+Sent = tuple[str, Awaitable[Any]]
 
 
 class IntakeProcessor:
     """Owns the faust app, its topics and tables, and the handling of each record."""
 
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         check_broker(settings)
         admin = make_admin(settings)
         ensure_topics(admin, settings)
@@ -82,6 +96,7 @@ class IntakeProcessor:
         # each send's acknowledgement in turn would cost a broker round trip per record.
         # Events are acked only after every send of their batch is acknowledged.
         async for events in stream.noack_take(BATCH_MAX, within=BATCH_WITHIN_S):
+            RECORDS_CONSUMED.labels(REQUESTS).inc(len(events))
             await self._handle_batch(events)
             for event in events:
                 await stream.ack(event)
@@ -99,12 +114,15 @@ class IntakeProcessor:
             log.critical("cannot write the intake state; exiting", exc_info=True)
             os._exit(70)
         for event, sends in sending:
-            results = await asyncio.gather(*sends, return_exceptions=True)
+            results = await asyncio.gather(*(ack for _, ack in sends), return_exceptions=True)
             failure = next((r for r in results if isinstance(r, BaseException)), None)
             if failure is not None:
                 await self._dead_letter(event, failure, Stage.PUBLISH)
+            for (topic, _), result in zip(sends, results, strict=True):
+                if not isinstance(result, BaseException):
+                    RECORDS_PRODUCED.labels(topic).inc()
 
-    async def _start(self, event: EventT) -> list[Awaitable[Any]]:
+    async def _start(self, event: EventT) -> list[Sent]:
         """Decide the event's outcome and start its sends; return their acknowledgements."""
         message = event.message
         try:
@@ -120,21 +138,25 @@ class IntakeProcessor:
             await self._dead_letter(event, exc, Stage.PUBLISH)
             return []
 
-    async def _perform(self, outcome: Outcome, event: EventT) -> list[Awaitable[Any]]:
+    async def _perform(self, outcome: Outcome, event: EventT) -> list[Sent]:
+        INTAKE_REQUESTS.labels(outcome_label(outcome)).inc()
         match outcome:
             case Admit():
                 admitted = [*_headers(event), (ADMITTED_AT_HEADER, _now_ms())]
                 return [await self._send(RENDER, event.key, event.value, admitted)]
             case Answer(result=result):
-                return [await self._send(RESULTS, result.kafka_key, encode(result), [])]
+                return [await self._answer(result, event)]
             case Drop(request_id=request_id):
-                log.debug("dropped publish retry of %s", request_id)
+                log.debug("dropped publish retry", extra={"request_id": request_id})
                 return []
             case Invalid(error=error, result=result):
                 await self._dead_letter(event, error, Stage.VALIDATE)
-                if result is None:
-                    return []
-                return [await self._send(RESULTS, result.kafka_key, encode(result), [])]
+                return [] if result is None else [await self._answer(result, event)]
+
+    async def _answer(self, result: GenerationResult, event: EventT) -> Sent:
+        # The result continues the request's trace, as the worker's results do.
+        headers = trace_headers(_headers(event))
+        return await self._send(RESULTS, result.kafka_key, encode(result), headers)
 
     async def _dead_letter(self, event: EventT, error: BaseException, stage: Stage) -> None:
         message = event.message
@@ -151,13 +173,21 @@ class IntakeProcessor:
             attempts=1,
             group=APP_ID,
         )
-        where = f"{message.topic}/{message.partition}/{message.offset}"
+        where = {
+            "topic": message.topic,
+            "partition": message.partition,
+            "offset": message.offset,
+            "stage": stage.value,
+        }
         if stage is Stage.VALIDATE:
-            log.warning("dead-lettered invalid record %s: %s", where, error)
+            log.warning("dead-lettered an invalid record: %s", error, extra=where)
         else:
-            log.error("dead-lettered %s at stage %s", where, stage.value, exc_info=error)
+            log.error("dead-lettered a record", exc_info=error, extra=where)
         try:
-            await (await self._send(DLQ, letter.key, letter.value, letter.headers()))
+            _, delivered = await self._send(DLQ, letter.key, letter.value, letter.headers())
+            await delivered
+            DLQ_RECORDS.labels(stage.value).inc()
+            RECORDS_PRODUCED.labels(DLQ).inc()
         except Exception:
             # The record is not acked yet: exiting now makes the next processor read it again.
             log.critical("cannot write to %s; exiting so the record is retried", DLQ, exc_info=True)
@@ -165,22 +195,40 @@ class IntakeProcessor:
 
     async def _send(
         self, topic: str, key: bytes | None, value: bytes | None, headers: Headers
-    ) -> Awaitable[Any]:
+    ) -> Sent:
         """Hand a record to the producer; the returned awaitable resolves once the broker
         acknowledges it, and raises if it never does. (The producer itself, not a faust
         topic: the values are bytes already, and faust's channel machinery per record
         costs more than the rest of the intake.)"""
-        return await self.app.producer.send(
+        acknowledged = await self.app.producer.send(
             topic, key, value, partition=None, timestamp=None, headers=headers
         )
+        return topic, acknowledged
 
-    def run(self, loglevel: str = "info") -> None:
-        """Run until SIGTERM or SIGINT; faust's worker stops the app gracefully."""
-        worker = faust.Worker(self.app, loglevel=loglevel, redirect_stdouts=False)
+    def run(self, log_level: str | None = None, metrics_port: int | None = None) -> None:
+        """Run until SIGTERM or SIGINT; faust's worker stops the app gracefully.
+
+        `log_level` and `metrics_port` override the settings' (0 serves no metrics)."""
+        settings = self.settings
+        level = log_level or settings.log_level
+        metrics = serve(
+            settings.processor_metrics_port if metrics_port is None else metrics_port,
+            settings.metrics_host,
+            setting="--metrics-port (or IMAGEGEN_PROCESSOR_METRICS_PORT)",
+        )
+        worker = faust.Worker(
+            self.app,
+            loglevel=level,
+            logging_config=logging_config(settings, level),
+            redirect_stdouts=False,
+        )
         # At level warning and above faust spins a terminal spinner on every log record, and
         # lowers the root logger to DEBUG to feed it: every debug call then builds a record.
         worker.spinner = None
-        worker.execute_from_commandline()
+        # Lag is only worth reading where something scrapes it.
+        lag = LagMonitor(settings, APP_ID, [REQUESTS]) if metrics is not None else nullcontext()
+        with lag:
+            worker.execute_from_commandline()
 
 
 def _make_app(settings: Settings, partitions: int, replication: int) -> faust.App:
@@ -231,6 +279,19 @@ def _credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
         mechanism=security["sasl.mechanism"],
         ssl_context=context,
     )
+
+
+def outcome_label(outcome: Outcome) -> str:
+    """The `outcome` label of `imagegen_intake_requests_total` for an intake decision."""
+    match outcome:
+        case Admit():
+            return "admitted"
+        case Answer(result=result):
+            return "duplicate" if result.status is Status.DUPLICATE else "rejected"
+        case Drop():
+            return "publish_retry"
+        case Invalid():
+            return "invalid"
 
 
 def _headers(event: EventT) -> Headers:

@@ -7,6 +7,11 @@ the broker acknowledged the record (acks=all), raising a typed error otherwise:
 - `InvalidMessage`: the request breaks the contract (the message names the fields);
 - `BrokerUnavailable`: no acknowledgement within the delivery timeout;
 - `PublishError`: the broker refused the record.
+
+Each publish is traced (`infra.tracing`): the record carries a W3C `traceparent` header
+naming an `imagegen.publish` span, the child of the caller's current OpenTelemetry span or
+of the `traceparent` the caller passes. Without OpenTelemetry, a passed `traceparent` goes
+on the record unchanged, and without one the record has no trace header.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from typing import Any, Self
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from infra.errors import BrokerUnavailable, PublishError
+from infra.errors import BrokerUnavailable, InvalidMessage, PublishError
 from infra.kafka import make_producer
+from infra.metrics import RECORDS_PRODUCED
 from infra.settings import Settings
 from infra.topics import REQUESTS
+from infra.tracing import TRACEPARENT, is_traceparent, start_span
 from schemas import GenerationRequest, encode
 
 DEFAULT_DELIVERY_TIMEOUT_S = 10.0
@@ -41,12 +48,43 @@ class _Publisher:
             settings, **{"message.timeout.ms": int(delivery_timeout_s * 1000)}
         )
 
-    def _produce(self, request: GenerationRequest, on_delivery: DeliveryCallback) -> None:
+    def _produce(
+        self, request: GenerationRequest, traceparent: str | None, on_delivery: DeliveryCallback
+    ) -> None:
+        if traceparent is not None and not is_traceparent(traceparent):
+            raise InvalidMessage(
+                f"traceparent {traceparent!r} is not a W3C trace context "
+                "(00-<32 hex trace id>-<16 hex span id>-<2 hex flags>)",
+                [("traceparent", "not a W3C traceparent")],
+            )
+        span = start_span(
+            "imagegen.publish",
+            None if traceparent is None else [(TRACEPARENT, traceparent)],
+            kind="producer",
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.destination.name": REQUESTS,
+                "imagegen.request_id": request.request_id,
+                "imagegen.user_id": request.user_id,
+            },
+        )
+
+        def delivered(error: KafkaError | None, message: Message) -> None:
+            if error is None:
+                RECORDS_PRODUCED.labels(REQUESTS).inc()
+            span.end(None if error is None else KafkaException(error))
+            on_delivery(error, message)
+
         try:
             self._producer.produce(
-                REQUESTS, key=request.kafka_key, value=encode(request), on_delivery=on_delivery
+                REQUESTS,
+                key=request.kafka_key,
+                value=encode(request),
+                headers=span.headers or None,
+                on_delivery=delivered,
             )
         except (KafkaException, BufferError) as exc:
+            span.end(exc)
             raise PublishError(f"the producer refused the request: {exc}") from exc
 
     def _error(self, error: KafkaError) -> Exception:
@@ -73,8 +111,17 @@ class RequestPublisher(_Publisher):
     ) -> None:
         super().__init__(settings, delivery_timeout_s)
 
-    def publish(self, request: GenerationRequest | None = None, **fields: Any) -> str:
-        """Publish `request` (or one built from `fields`) and return its request id."""
+    def publish(
+        self,
+        request: GenerationRequest | None = None,
+        *,
+        traceparent: str | None = None,
+        **fields: Any,
+    ) -> str:
+        """Publish `request` (or one built from `fields`) and return its request id.
+
+        `traceparent` (W3C) continues that trace instead of the caller's current one.
+        """
         request = self._request(request, fields)
         done = threading.Event()
         outcome: list[KafkaError | None] = []
@@ -83,7 +130,7 @@ class RequestPublisher(_Publisher):
             outcome.append(error)
             done.set()
 
-        self._produce(request, on_delivery)
+        self._produce(request, traceparent, on_delivery)
         # Whichever thread polls runs the callbacks; poll until ours has run. librdkafka
         # reports every record by message.timeout.ms, so this loop ends.
         while not done.is_set():
@@ -117,8 +164,17 @@ class AsyncRequestPublisher(_Publisher):
         self._poller = threading.Thread(target=self._poll, name="imagegen-publisher", daemon=True)
         self._poller.start()
 
-    async def publish(self, request: GenerationRequest | None = None, **fields: Any) -> str:
-        """Publish `request` (or one built from `fields`) and return its request id."""
+    async def publish(
+        self,
+        request: GenerationRequest | None = None,
+        *,
+        traceparent: str | None = None,
+        **fields: Any,
+    ) -> str:
+        """Publish `request` (or one built from `fields`) and return its request id.
+
+        `traceparent` (W3C) continues that trace instead of the caller's current one.
+        """
         request = self._request(request, fields)
         loop = asyncio.get_running_loop()
         delivered: asyncio.Future[None] = loop.create_future()
@@ -131,7 +187,9 @@ class AsyncRequestPublisher(_Publisher):
             else:
                 delivered.set_exception(self._error(error))
 
-        self._produce(request, lambda error, _msg: loop.call_soon_threadsafe(settle, error))
+        self._produce(
+            request, traceparent, lambda error, _msg: loop.call_soon_threadsafe(settle, error)
+        )
         await delivered
         return request.request_id
 

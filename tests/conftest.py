@@ -21,6 +21,9 @@ from tests.helpers import free_port
 
 # Tansu holds a group's first join for half the session timeout: keep it short in tests.
 TEST_SESSION_TIMEOUT_MS = 2000
+# Tests start many processors and workers at once, here and beside other people's runs:
+# none serves metrics (on a fixed port) unless its test asks for it.
+NO_METRICS = {"processor_metrics_port": 0, "worker_metrics_port": 0}
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -44,6 +47,7 @@ def _docker_stack() -> Iterator[Settings]:
             s3_access_key=config["access_key"],
             s3_secret_key=config["secret_key"],
             kafka_session_timeout_ms=TEST_SESSION_TIMEOUT_MS,
+            **NO_METRICS,
         )
         provision(settings, progress=lambda _: None)
         yield settings
@@ -55,6 +59,7 @@ def _embedded_stack(state_dir: Path) -> Iterator[Settings]:
         s3_endpoint=f"127.0.0.1:{free_port()}",
         state_dir=str(state_dir),
         kafka_session_timeout_ms=TEST_SESSION_TIMEOUT_MS,
+        **NO_METRICS,
     )
     stack = EmbeddedStack(settings)
     stack.up(progress=lambda _: None)
@@ -81,7 +86,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     if os.environ.get("IMAGEGEN_TEST_STACK") == "docker":
         yield from _docker_stack()
     elif "IMAGEGEN_KAFKA_BOOTSTRAP" in os.environ or "IMAGEGEN_S3_ENDPOINT" in os.environ:
-        configured = load_settings(kafka_session_timeout_ms=TEST_SESSION_TIMEOUT_MS)
+        configured = load_settings(kafka_session_timeout_ms=TEST_SESSION_TIMEOUT_MS, **NO_METRICS)
         provision(configured, progress=lambda _: None)
         yield configured
     else:

@@ -11,16 +11,22 @@ from pathlib import Path
 class Service:
     """A long-running `imagegen` command (processor, worker) with its output in a file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], log: Path, launcher: Path | None = None
+    ) -> None:
+        """`launcher` is a script that runs the command line instead of `python -m infra`
+        (to set the process up first)."""
         self.args = args
         self.env = env
         self.log = log
+        self.launcher = launcher
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with self.log.open("ab") as out:
+            program = [str(self.launcher)] if self.launcher else ["-m", "infra"]
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "infra", *self.args],
+                [sys.executable, *program, *self.args],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

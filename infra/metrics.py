@@ -1,0 +1,207 @@
+"""Prometheus metrics: the metric objects every process shares, the HTTP endpoint that
+serves them, and the consumer-lag poller.
+
+The names are a contract with the Grafana dashboard and alerts: rename nothing without
+them. Every process registers all of them in the default registry, next to
+prometheus_client's process metrics; one a process never touches reads 0, or has no
+series at all when it has labels.
+
+- `serve(port, host, setting=...)` starts `/metrics`; port 0 leaves it off.
+- `LagMonitor(settings, group, topics)` refreshes `imagegen_consumer_lag` from the group's
+  committed offsets (`group_lag`) on a thread of its own, off the hot path.
+- `observe_gpu_memory(device)` samples CUDA memory after a batch.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Self
+from wsgiref.simple_server import WSGIServer
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from infra.errors import ConfigError
+from infra.kafka import make_consumer
+from infra.settings import Settings
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+# From a fast encode (milliseconds) to a large batch on a slow device (a minute).
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
+
+RECORDS_CONSUMED = Counter(
+    "imagegen_records_consumed_total", "Records read from Kafka, by topic.", ["topic"]
+)
+RECORDS_PRODUCED = Counter(
+    "imagegen_records_produced_total",
+    "Records the broker acknowledged, by topic.",
+    ["topic"],
+)
+INTAKE_REQUESTS = Counter(
+    "imagegen_intake_requests_total",
+    "Requests decided by the intake processor, by outcome: admitted, duplicate, "
+    "publish_retry, rejected or invalid.",
+    ["outcome"],
+)
+RENDER_BATCH_SIZE = Histogram(
+    "imagegen_render_batch_size",
+    "Requests per successful pipeline call.",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+RENDER_SECONDS = Histogram(
+    "imagegen_render_seconds",
+    "Seconds per successful pipeline call (one batch), retries included.",
+    buckets=_DURATION_BUCKETS,
+)
+ENCODE_SECONDS = Histogram(
+    "imagegen_encode_seconds", "Seconds to encode one image.", buckets=_DURATION_BUCKETS
+)
+UPLOAD_SECONDS = Histogram(
+    "imagegen_upload_seconds",
+    "Seconds to store one image in the object store, retries included.",
+    buckets=_DURATION_BUCKETS,
+)
+IN_FLIGHT = Gauge(
+    "imagegen_in_flight_requests",
+    "Requests a worker has accepted and not yet finished and made committable.",
+)
+RETRIES = Counter("imagegen_retries_total", "Retries after a transient error, by stage.", ["stage"])
+DLQ_RECORDS = Counter(
+    "imagegen_dlq_records_total", "Dead letters the broker acknowledged, by stage.", ["stage"]
+)
+CONSUMER_LAG = Gauge(
+    "imagegen_consumer_lag",
+    "Records between a group's committed offset and the end of the partition.",
+    ["group", "topic", "partition"],
+)
+GPU_MEMORY_ALLOCATED = Gauge(
+    "imagegen_gpu_memory_allocated_bytes",
+    "CUDA memory held by tensors (torch.cuda.memory_allocated).",
+    ["device"],
+)
+GPU_MEMORY_RESERVED = Gauge(
+    "imagegen_gpu_memory_reserved_bytes",
+    "CUDA memory held by torch's caching allocator (torch.cuda.memory_reserved).",
+    ["device"],
+)
+
+
+def serve(port: int, host: str, *, setting: str) -> WSGIServer | None:
+    """Serve `/metrics` on `host:port` from a daemon thread, and return the server; port 0
+    serves nothing.
+
+    `setting` names what chooses the port (a variable, an option), so that the error for a
+    port already in use says what to change.
+    """
+    if port == 0:
+        return None
+    try:
+        server, _thread = start_http_server(port, host)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"the metrics port {port} on {host} is already in use: set {setting} to a "
+                "free port, or to 0 to serve no metrics"
+            ) from exc
+        raise ConfigError(
+            f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}): check "
+            f"{setting} and IMAGEGEN_METRICS_HOST"
+        ) from exc
+    log.info("serving metrics on http://%s:%d/metrics", host, port)
+    return server
+
+
+class LagMonitor:
+    """Sets `imagegen_consumer_lag{group,topic,partition}` every `interval_s` seconds.
+
+    Lag is the partition's end offset minus the group's committed offset: what the group
+    still has to read, as seen by the next owner after a crash. A partition the group has
+    never committed counts from its beginning, as the group's `auto.offset.reset=earliest`
+    would read it. The monitor has its own consumer, which never joins the group, so the
+    group's members and their clients are untouched.
+    """
+
+    def __init__(
+        self, settings: Settings, group: str, topics: Sequence[str], interval_s: float = 5.0
+    ) -> None:
+        self.group = group
+        self.topics = list(topics)
+        self.interval_s = interval_s
+        self._settings = settings
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Self:
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name=f"lag-{self.group}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            # Bounded: with the broker gone the thread may sit in a call for its timeout. It
+            # is a daemon, and its consumer holds nothing that the group needs.
+            self._thread.join(timeout=1.0)
+            self._thread = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        # Created here: the consumer lives and dies on this thread alone.
+        consumer = make_consumer(self._settings, self.group, **{"enable.auto.commit": False})
+        try:
+            while True:
+                try:
+                    for (topic, partition), lag in group_lag(consumer, self.topics).items():
+                        CONSUMER_LAG.labels(self.group, topic, str(partition)).set(lag)
+                except KafkaException as exc:
+                    log.warning("consumer lag of %s not refreshed: %s", self.group, exc)
+                if self._stopping.wait(self.interval_s):
+                    return
+        finally:
+            consumer.close()
+
+
+def group_lag(
+    consumer: Consumer, topics: Sequence[str], timeout_s: float = 5.0
+) -> dict[tuple[str, int], int]:
+    """Lag by (topic, partition) of the group that `consumer` names in its group.id.
+
+    The consumer need not be a member: committed offsets are read from the coordinator.
+    """
+    lags: dict[tuple[str, int], int] = {}
+    for topic in topics:
+        metadata = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
+        if metadata.error is not None:
+            raise KafkaException(metadata.error)
+        wanted = [TopicPartition(topic, p) for p in sorted(metadata.partitions)]
+        for committed in consumer.committed(wanted, timeout=timeout_s):
+            low, high = consumer.get_watermark_offsets(committed, timeout=timeout_s)
+            # A negative offset means "none committed": the group would start at `low`.
+            start = committed.offset if committed.offset >= 0 else low
+            lags[(topic, committed.partition)] = max(0, high - start)
+    return lags
+
+
+def observe_gpu_memory(device: torch.device) -> None:
+    """Sample CUDA memory on `device`; any other device has no such gauge."""
+    if device.type != "cuda":
+        return
+    import torch  # the caller already loaded it; processes without torch never get here
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    label = f"cuda:{index}"
+    GPU_MEMORY_ALLOCATED.labels(label).set(torch.cuda.memory_allocated(index))
+    GPU_MEMORY_RESERVED.labels(label).set(torch.cuda.memory_reserved(index))
