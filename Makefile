@@ -29,9 +29,10 @@ format: $(BIN)/.installed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Intake, render and end-to-end benchmarks; writes bench/results.json and docs/benchmarks.md.
+# BENCH_QUICK=1 for a run of a few minutes; ARGS=--gpu (or BENCH_GPU=1) renders on CUDA.
 bench: $(BIN)/.installed
-	$(BIN)/python -m bench.intake
-	$(BIN)/python -m bench.render
+	$(BIN)/python -m bench $(ARGS)
 
 schemas: $(BIN)/.installed
 	$(BIN)/python -m schemas.export

@@ -1,0 +1,435 @@
+"""End-to-end benchmark: latency from publish to result at a steady request rate.
+
+One `imagegen processor` and one `imagegen worker` run as child processes on a private
+embedded stack, with rate limits that admit everything. Warm-up requests, one per user, must
+come back first, so process start-up, model loading and the first consumer-group joins stay
+out of the figures. Then requests from several users are published open loop: request i
+starts at t0 + i / rate by the wall clock, whether or not earlier ones have been answered,
+from a small thread pool so that one slow acknowledgement does not delay the next publish.
+
+For every request:
+- end-to-end: from the start of `RequestPublisher.publish` to the result's arrival at a
+  `ResultSubscriber` (created before the first publish, read in polls of at most
+  `RESULT_POLL_S`, so the reader itself adds at most that);
+- render: the result's `timings.render_ms`, the forward pass of its whole batch (every
+  request of a batch waits for all of it);
+- overhead: end-to-end minus render, what the pipeline adds around the model.
+
+A request without a succeeded result is a failure, counted and named by cause. The worker
+runs with `imagegen worker`'s defaults for batching (`--max-batch 4 --max-wait-ms 10`),
+since that is what a deployment gets; its batching wait is part of the overhead.
+
+Run: `python -m bench.e2e [--quick] [--rate R] [--duration S]`. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from statistics import fmean, quantiles
+
+from bench.intake import NO_LIMITS
+from bench.stack import child_env, private_stack
+from consumers.results import ResultSubscriber, ResultTimeout
+from infra.errors import ImagegenError
+from infra.settings import Settings
+from producers.publisher import RequestPublisher
+from schemas import GenerationResult, Status, new_request_id
+
+# Each read of the results waits at most this long, so a result is timed within it of its
+# arrival (a longer read would hold arrived results back until it ends).
+RESULT_POLL_S = 0.01
+PUBLISH_THREADS = 4
+
+
+@dataclass(frozen=True)
+class Options:
+    rate_per_s: float = 20.0
+    duration_s: float = 60.0
+    users: int = 10
+    model: str = "tiny"
+    device: str = "cpu"
+    width: int = 64
+    height: int = 64
+    # One step keeps the render short enough that the worker, sharing a small CPU with
+    # the broker, the store and the processor, keeps up at 20 requests/s with room to
+    # spare: queueing behind a saturated model would swamp the pipeline's own overhead.
+    steps: int = 1
+    # `imagegen worker`'s defaults: the batching wait a deployment gets belongs in its
+    # latency, and a shorter one would flatter the figures.
+    max_batch: int = 4
+    max_wait_ms: float = 10.0
+    # Covers building the tiny model on a busy machine.
+    warm_up_timeout_s: float = 300.0
+    #: How long after the last publish the results still outstanding are awaited.
+    drain_timeout_s: float = 60.0
+
+
+DEFAULT = Options()
+QUICK = replace(DEFAULT, duration_s=15.0)
+
+
+@dataclass
+class Sent:
+    """One request of the measured window, as the publishing side saw it."""
+
+    request_id: str
+    user_id: str
+    scheduled: float  # perf_counter seconds
+    started_wall: float = 0.0  # time.time() when publish began
+    lag_ms: float = 0.0  # how late publish began against the schedule
+    publish_ms: float | None = None  # until the broker acknowledged it
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Received:
+    result: GenerationResult
+    at_wall: float
+
+
+# ---- child processes ------------------------------------------------------------------
+
+
+@contextmanager
+def child(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """`imagegen <args>` with its output in `log`, stopped with SIGTERM on the way out."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "infra", *args], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(30)
+
+
+def start_pipeline(
+    settings: Settings, options: Options, logs: Path, cleanup: ExitStack
+) -> dict[str, tuple[subprocess.Popen, Path]]:
+    worker_args = [
+        *("worker", "--model", options.model, "--device", options.device),
+        *("--max-batch", str(options.max_batch), "--max-wait-ms", str(options.max_wait_ms)),
+        *("--log-level", "warning"),
+    ]
+    commands = {
+        "processor": (["processor", "--log-level", "warning"], child_env(settings, **NO_LIMITS)),
+        "worker": (worker_args, child_env(settings)),
+    }
+    started = {}
+    for name, (args, env) in commands.items():
+        log = logs / f"{name}.log"
+        started[name] = (cleanup.enter_context(child(args, env, log)), log)
+    return started
+
+
+def check_alive(children: dict[str, tuple[subprocess.Popen, Path]]) -> None:
+    for name, (process, log) in children.items():
+        if process.poll() is not None:
+            raise RuntimeError(f"the {name} exited with {process.returncode}; log: {log}")
+
+
+# ---- publishing and collecting ---------------------------------------------------------
+
+
+def request_fields(options: Options, user_id: str, prompt: str) -> dict[str, object]:
+    return {
+        "user_id": user_id,
+        "prompt": prompt,
+        "model": options.model,
+        "width": options.width,
+        "height": options.height,
+        "steps": options.steps,
+    }
+
+
+def collect(
+    subscriber: ResultSubscriber,
+    wanted: list[str],
+    children: dict[str, tuple[subprocess.Popen, Path]],
+    until: Callable[[], bool],
+) -> dict[str, Received]:
+    """Results for `wanted` as they arrive, each timed on arrival, until all are in or
+    `until()` says to stop waiting; the children must stay up all along."""
+    received: dict[str, Received] = {}
+
+    def record(result: GenerationResult) -> None:
+        received.setdefault(result.request_id, Received(result, time.time()))
+
+    while len(received) < len(wanted) and not until():
+        check_alive(children)
+        # A timeout only means nothing new within one poll: check children and clock again.
+        with suppress(ResultTimeout):
+            missing = [i for i in wanted if i not in received]
+            subscriber.wait_for(missing, RESULT_POLL_S, on_result=record)
+    return received
+
+
+def warm_up(
+    subscriber: ResultSubscriber,
+    publisher: RequestPublisher,
+    options: Options,
+    children: dict[str, tuple[subprocess.Popen, Path]],
+) -> float:
+    """Seconds until one request per user has come back succeeded."""
+    started = time.monotonic()
+    deadline = started + options.warm_up_timeout_s
+    ids = [
+        publisher.publish(**request_fields(options, f"e2e-user-{u}", f"warm-up {u}"))
+        for u in range(options.users)
+    ]
+    received = collect(subscriber, ids, children, lambda: time.monotonic() > deadline)
+    if len(received) < len(ids):
+        raise RuntimeError(
+            f"{len(ids) - len(received)} warm-up request(s) had no result within "
+            f"{options.warm_up_timeout_s:g} s"
+        )
+    bad = [r.result for r in received.values() if r.result.status is not Status.SUCCEEDED]
+    if bad:
+        raise RuntimeError(f"a warm-up request did not succeed: {bad[0].reason} {bad[0].detail}")
+    return time.monotonic() - started
+
+
+class OpenLoop:
+    """Publishes `sent` on its schedule from a background thread and a small pool."""
+
+    def __init__(self, publisher: RequestPublisher, options: Options, sent: list[Sent]) -> None:
+        self._publisher = publisher
+        self._options = options
+        self._sent = sent
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._schedule, name="e2e-schedule", daemon=True)
+        self.finished_at: float | None = None  # monotonic, once every publish returned
+
+    def __enter__(self) -> OpenLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        """Stop publishing, so that a failed run leaves nothing behind."""
+        self._stopping.set()
+        self._thread.join()
+
+    def _schedule(self) -> None:
+        try:
+            with ThreadPoolExecutor(PUBLISH_THREADS, thread_name_prefix="e2e-publish") as pool:
+                for item in self._sent:
+                    # Pacing by the clock is the point of an open loop: wait for the slot.
+                    if self._stopping.wait(max(0.0, item.scheduled - time.perf_counter())):
+                        return
+                    pool.submit(self._publish, item)
+        finally:
+            self.finished_at = time.monotonic()
+
+    def _publish(self, item: Sent) -> None:
+        item.lag_ms = (time.perf_counter() - item.scheduled) * 1000
+        item.started_wall = time.time()
+        started = time.perf_counter()
+        fields = request_fields(self._options, item.user_id, f"e2e {item.request_id}")
+        try:
+            self._publisher.publish(request_id=item.request_id, **fields)
+        except ImagegenError as error:
+            item.error = f"{type(error).__name__}: {error}"
+            return
+        item.publish_ms = (time.perf_counter() - started) * 1000
+
+    def done_draining(self) -> bool:
+        """True once the results still missing have had `drain_timeout_s` after the last
+        publish returned."""
+        finished = self.finished_at
+        return finished is not None and time.monotonic() > finished + self._options.drain_timeout_s
+
+
+def schedule(options: Options) -> list[Sent]:
+    count = round(options.rate_per_s * options.duration_s)
+    # A short lead keeps the first slot from being late by the time the thread starts.
+    t0 = time.perf_counter() + 0.1
+    return [
+        Sent(new_request_id(), f"e2e-user-{i % options.users}", t0 + i / options.rate_per_s)
+        for i in range(count)
+    ]
+
+
+# ---- figures ---------------------------------------------------------------------------
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if len(values) < 2:
+        return {}
+    cuts = quantiles(values, n=100, method="inclusive")
+    return {
+        "p50": round(cuts[49], 1),
+        "p95": round(cuts[94], 1),
+        "p99": round(cuts[98], 1),
+        "max": round(max(values), 1),
+    }
+
+
+def summarise(
+    options: Options, sent: list[Sent], received: dict[str, Received], warm_up_s: float
+) -> dict[str, object]:
+    failures: Counter[str] = Counter()
+    rows = []
+    for item in sent:
+        got = received.get(item.request_id)
+        if item.error is not None:
+            failures["publish error"] += 1
+        elif got is None:
+            failures["no result"] += 1
+        elif got.result.status is not Status.SUCCEEDED:
+            reason = got.result.reason.value if got.result.reason else "no reason"
+            failures[f"{got.result.status.value}: {reason}"] += 1
+        else:
+            rows.append((item, got))
+    figures = [latency_row(item, got) for item, got in rows]
+    published = [item for item in sent if item.error is None]
+    starts = sorted(item.started_wall for item in published)
+    span_s = starts[-1] - starts[0] if len(starts) > 1 else 0.0
+    render_busy_s = sum(
+        got.result.timings.render_ms / (got.result.batch_size or 1) / 1000
+        for _, got in rows
+        if got.result.timings and got.result.timings.render_ms is not None
+    )
+
+    def column(name: str) -> list[float]:
+        return [f[name] for f in figures if f.get(name) is not None]
+
+    overhead = percentiles(column("overhead"))
+    return {
+        "options": asdict(options),
+        "result_poll_ms": RESULT_POLL_S * 1000,
+        "warm_up_s": round(warm_up_s, 1),
+        "requests": len(sent),
+        "succeeded": len(rows),
+        "failures": sum(failures.values()),
+        "failure_causes": dict(failures),
+        "achieved_rate_per_s": round((len(starts) - 1) / span_s, 2) if span_s else 0.0,
+        "max_schedule_lag_ms": round(max((item.lag_ms for item in sent), default=0.0), 1),
+        "e2e_ms": percentiles(column("e2e")),
+        "render_ms": percentiles(column("render")),
+        "overhead_ms": overhead,
+        "overhead_p99_ms": overhead.get("p99"),
+        # Where the overhead goes, from the timings each result carries (worker clock,
+        # same host): publish call, publish to admission (approximate: it also holds the
+        # wait for an encode thread), admission to render start (fetch, store lookup,
+        # batching wait, waiting for the model), encode + upload, result to the reader.
+        "breakdown_ms": {name: percentiles(column(name)) for name in BREAKDOWN},
+        "mean_batch_size": round(fmean(r.result.batch_size or 1 for _, r in rows), 2)
+        if rows
+        else None,
+        # The share of the window the model was busy: well below 1 means the overhead is
+        # the pipeline's, not queueing for a saturated model.
+        "render_utilisation": round(render_busy_s / span_s, 3) if span_s else None,
+    }
+
+
+BREAKDOWN = ("publish", "to_admission", "worker_queue", "encode_upload", "result_delivery")
+
+
+def latency_row(item: Sent, got: Received) -> dict[str, float | None]:
+    result = got.result
+    timings = result.timings
+    e2e = (got.at_wall - item.started_wall) * 1000
+    row: dict[str, float | None] = {"e2e": e2e, "publish": item.publish_ms}
+    if timings is None or timings.render_ms is None:
+        return row  # an image an earlier attempt stored: published again without rendering
+    row["render"] = timings.render_ms
+    row["overhead"] = e2e - timings.render_ms
+    finish = (timings.encode_ms or 0.0) + (timings.upload_ms or 0.0)
+    row["encode_upload"] = finish
+    row["worker_queue"] = timings.queue_ms
+    if timings.total_ms is not None:
+        # total_ms runs from the request's submitted_at (stamped inside publish) to the
+        # result's creation; what the worker's own timings do not cover came before.
+        before = (timings.queue_ms or 0.0) + timings.render_ms + finish
+        row["to_admission"] = timings.total_ms - before
+    row["result_delivery"] = (got.at_wall - result.completed_at.timestamp()) * 1000
+    return row
+
+
+# ---- the run ---------------------------------------------------------------------------
+
+
+def run(options: Options, scratch: Path) -> dict[str, object]:
+    """The benchmark; the children's logs go to `scratch`."""
+    with private_stack() as settings, ExitStack() as cleanup:
+        subscriber = cleanup.enter_context(ResultSubscriber(settings))
+        publisher = cleanup.enter_context(RequestPublisher(settings))
+        children = start_pipeline(settings, options, scratch, cleanup)
+        warm_up_s = warm_up(subscriber, publisher, options, children)
+        sent = schedule(options)
+        with OpenLoop(publisher, options, sent) as loop:
+            wanted = [item.request_id for item in sent]
+            received = collect(subscriber, wanted, children, loop.done_draining)
+    return summarise(options, sent, received, warm_up_s)
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    options = QUICK if args.quick else DEFAULT
+    overrides = {
+        "rate_per_s": args.rate,
+        "duration_s": args.duration,
+        "users": args.users,
+        "steps": args.steps,
+        "max_batch": args.max_batch,
+        "max_wait_ms": args.max_wait_ms,
+        "device": args.device,
+    }
+    return replace(options, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a 15 s window instead of 60 s")
+    parser.add_argument("--rate", type=float, help="requests per second (default 20)")
+    parser.add_argument("--duration", type=float, help="seconds of publishing (default 60)")
+    parser.add_argument("--users", type=int, help="users the requests come from (default 10)")
+    parser.add_argument("--steps", type=int, help="denoising steps per image (default 1)")
+    parser.add_argument("--max-batch", type=int, help="the worker's (default 4)")
+    parser.add_argument("--max-wait-ms", type=float, help="the worker's (default 10)")
+    parser.add_argument("--device", help="the worker's (default cpu)")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    return parser.parse_args()
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the stack and the children are stopped on the way."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def main() -> None:
+    args = parse_args()
+    exit_on_sigterm()
+    scratch = Path(tempfile.mkdtemp(prefix="imagegen-bench-e2e-"))
+    try:
+        report = run(options_from(args), scratch)
+    except (RuntimeError, ImagegenError) as error:
+        # The children's logs stay behind for whoever investigates.
+        sys.exit(f"e2e benchmark failed: {error}\nlogs: {scratch}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
