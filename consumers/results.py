@@ -22,7 +22,7 @@ from typing import Literal, Self
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from infra.errors import ImagegenError, InvalidMessage
-from infra.kafka import make_consumer
+from infra.kafka import consume_available, make_consumer
 from infra.settings import Settings
 from infra.topics import RESULTS
 from schemas import GenerationResult, decode
@@ -113,7 +113,7 @@ class ResultSubscriber:
         return await asyncio.to_thread(self.wait_for, list(request_ids), timeout_s)
 
     def _poll(self, timeout_s: float) -> Iterator[GenerationResult]:
-        for message in self._consumer.consume(500, timeout=timeout_s):
+        for message in consume_available(self._consumer, 500, timeout_s):
             if message.error() is None:
                 result = _decoded(message.value())
                 if result is not None:

@@ -49,7 +49,8 @@ from consumers.offsets import OffsetTracker
 from consumers.rendering import Renderer, batch_key, encode_image, seed_for
 from consumers.retry import GaveUp, Interrupted, RetryPolicy, is_transient, retrying
 from consumers.storage import StoredImage, find, object_key, store_once
-from infra.kafka import check_broker, make_admin, make_consumer, make_producer
+from infra.errors import WorkerCrashed
+from infra.kafka import check_broker, consume_available, make_admin, make_consumer, make_producer
 from infra.logs import log_context
 from infra.metrics import (
     DLQ_RECORDS,
@@ -141,6 +142,7 @@ class RenderWorker:
         )
         self._generation = 0
         self._paused = False
+        self._crashed: str | None = None  # the name of a thread that died, if one did
         self._stopping = threading.Event()
         self._stop_rendering = threading.Event()
         self._closed = threading.Event()
@@ -158,9 +160,11 @@ class RenderWorker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self._stopping.set())
         threads = [
-            threading.Thread(target=self._render_loop, name="render", daemon=True),
-            threading.Thread(target=self._deliver_loop, name="delivery", daemon=True),
+            threading.Thread(target=self._fatal_on_crash(self._render_loop), name="render"),
+            threading.Thread(target=self._fatal_on_crash(self._deliver_loop), name="delivery"),
         ]
+        for thread in threads:
+            thread.daemon = True
         for thread in threads:
             thread.start()
         self._consumer.subscribe(
@@ -168,14 +172,36 @@ class RenderWorker:
         )
         log.info("worker %s serving %s", self.worker_id, ", ".join(self._renderers))
         while not self._stopping.is_set():
-            for message in self._consumer.consume(self.options.max_in_flight, timeout=0.1):
+            for message in consume_available(self._consumer, self.options.max_in_flight, 0.1):
                 self._accept(message)
             self._store_finished()
             self._apply_backpressure()
         self._shutdown(threads)
+        if self._crashed is not None:
+            raise WorkerCrashed(
+                f"the worker's {self._crashed} thread crashed (traceback above) and the worker "
+                "stopped; its unfinished requests stay uncommitted for the next worker. "
+                "Restart it, and report the traceback if it recurs."
+            )
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def _fatal_on_crash(self, loop: Callable[[], None]) -> Callable[[], None]:
+        """`loop`, stopping the worker if it ever raises: a worker without its render or
+        delivery thread would otherwise live on and hold its partitions doing nothing."""
+
+        def guarded() -> None:
+            try:
+                loop()
+            except BaseException:
+                name = threading.current_thread().name
+                log.critical("the %s thread crashed", name, exc_info=True)
+                self._crashed = name
+                self._stopping.set()
+                self._stop_rendering.set()
+
+        return guarded
 
     def _accept(self, message: Message) -> None:
         if message.error() is not None:

@@ -47,3 +47,7 @@ class ObjectStoreUnavailable(ImagegenError):
 
 class ObjectStoreError(ImagegenError):
     """The object store refused a request for a reason that retrying will not fix."""
+
+
+class WorkerCrashed(ImagegenError):
+    """A thread of a render worker died of an unexpected error; the worker stopped."""

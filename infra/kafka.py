@@ -19,6 +19,7 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
+    Message,
     Producer,
     TopicPartition,
 )
@@ -45,7 +46,9 @@ def make_producer(settings: Settings, **overrides: Any) -> Producer:
         **_base(settings, "producer"),
         "enable.idempotence": True,
         "acks": "all",
-        "linger.ms": 5,
+        # Every record here is one somebody waits for (a request, a result): a millisecond
+        # for company, not librdkafka's five. Bulk senders pass a longer linger.
+        "linger.ms": 1,
         # The Java client's partitioner, which faust (aiokafka) also uses: a key lands on
         # the same partition whichever of our producers sends it.
         "partitioner": "murmur2_random",
@@ -65,6 +68,7 @@ def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> Consum
         # Several heartbeats per session, whatever the session length (the default, 3 s,
         # would let a short session expire between two heartbeats).
         "heartbeat.interval.ms": max(100, settings.kafka_session_timeout_ms // 3),
+        "fetch.wait.max.ms": settings.kafka_fetch_wait_ms,
         **overrides,
     }
     return Consumer(config)
@@ -145,3 +149,15 @@ def fetched_end_offsets(
         return ends
     finally:
         consumer.close()
+
+
+def consume_available(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Message]:
+    """Wait up to `timeout_s` for a record, then take up to `max_messages` in all of those
+    already fetched. (`Consumer.consume(n, timeout)` waits out its whole timeout unless
+    n records arrive, which holds back every record at low rates.)"""
+    first = consumer.poll(timeout_s)
+    if first is None:
+        return []
+    if max_messages == 1:
+        return [first]
+    return [first, *consumer.consume(max_messages - 1, timeout=0)]

@@ -1,4 +1,5 @@
-"""The faust App the processor runs: faust's own, with two behaviours corrected.
+"""The faust App the processor runs: faust's own, with two behaviours corrected and its
+fixed fetch wait made a setting (`IMAGEGEN_KAFKA_FETCH_WAIT_MS`).
 
 1. Flow control never drops events it has already fetched. faust's
    `FlowControlEvent.resume()` always clears every stream buffer, and faust resumes flow
@@ -23,8 +24,9 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
+import aiokafka
 import faust
-from faust.transport.drivers.aiokafka import Consumer
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread, Consumer, Transport
 from faust.types import TP, ConsumerT
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
@@ -40,8 +42,19 @@ class KeepBuffersOnResume(FlowControlEvent):
         super().resume()
 
 
+class ConsumerThread(AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: Transport) -> aiokafka.AIOKafkaConsumer:
+        consumer = super()._create_worker_consumer(transport)
+        # faust fixes the fetch wait at 1.5 s; IMAGEGEN_KAFKA_FETCH_WAIT_MS says why not.
+        consumer._fetch_max_wait_ms = self.app.settings_for_clients.kafka_fetch_wait_ms
+        return consumer
+
+
 class FetchedEndsConsumer(Consumer):
     """faust asks its consumer for `highwaters` only to know where table recovery ends."""
+
+    def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
+        return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
         settings = self.app.settings_for_clients

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import boto3
 import pytest
+import torch
 from confluent_kafka import TopicPartition
 from PIL import Image
 
 from consumers.dlq import Filters, read_dlq, replay
 from consumers.storage import object_key
-from consumers.worker import GROUP_ID
+from consumers.worker import GROUP_ID, RenderWorker, WorkerOptions
+from infra.errors import WorkerCrashed
 from infra.kafka import make_consumer, make_producer
 from infra.object_store import ObjectStore
 from infra.settings import Settings
@@ -267,3 +269,23 @@ def test_a_request_failed_by_an_outage_succeeds_after_replay_and_renders_once(
     assert len(rendered) == 1  # the other replay found the stored image
     versions = s3.list_object_versions(Bucket=isolated_stack.s3_bucket).get("Versions", [])
     assert [v["Key"] for v in versions] == [object_key(request)]
+
+
+class ImagelessRenderer:
+    """Breaks the render thread's own logic (one image per request), not a render."""
+
+    device = torch.device("cpu")
+
+    def render(self, requests: list[GenerationRequest]) -> list[Image.Image]:
+        return []
+
+
+def test_a_crashed_render_thread_stops_the_worker_and_commits_nothing(isolated_stack) -> None:
+    submit(isolated_stack, small_requests(1))
+    worker = RenderWorker(isolated_stack, {"tiny": ImagelessRenderer()}, WorkerOptions())
+    with pytest.raises(WorkerCrashed, match="render thread crashed"):
+        worker.run()
+    consumer = make_consumer(isolated_stack, GROUP_ID)
+    partitions = [TopicPartition(RENDER, p) for p in range(6)]
+    assert all(tp.offset < 0 for tp in consumer.committed(partitions, timeout=10))
+    consumer.close()
