@@ -43,7 +43,7 @@ from infra.topics import DLQ, RENDER, REQUESTS, RESULTS, ensure_topics
 from infra.tracing import trace_headers
 from processors.faust_app import App
 from processors.intake import Admit, Answer, Drop, Intake, Invalid, Outcome, StageFailed
-from processors.state import WriteBehind, current_event
+from processors.state import WriteBehind
 from schemas import DeadLetter, GenerationResult, Stage, Status, encode
 from schemas.dead_letters import REPLAY_HEADER
 
@@ -104,11 +104,14 @@ class IntakeProcessor:
     async def _handle_batch(self, events: list[EventT]) -> None:
         sending = []
         for event in events:
-            with current_event(event):
-                sending.append((event, await self._start(event)))
-        try:
             for store in self.state:
-                store.flush()
+                store.partition = event.message.partition
+            sending.append((event, await self._start(event)))
+        try:
+            changelog = []
+            for store in self.state:
+                changelog += await store.flush(self.app.producer)
+            await asyncio.gather(*changelog)
         except Exception:
             # Nothing of this batch is acked yet: the restarted processor decides it again.
             log.critical("cannot write the intake state; exiting", exc_info=True)

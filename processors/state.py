@@ -1,21 +1,23 @@
 """Where the intake keeps its state: a batch's write-behind view of a faust table.
 
-The processor works through records in batches (see `processors.app`). A faust table writes
-every assignment to its changelog at once, so a user's bucket and each partition's share of
-the global bucket would be written once per record. Through `WriteBehind`, each key changed
-in a batch reaches the table, and its changelog, once: when the batch is flushed, before any
-of its records is acked.
+The processor works through records in batches (see `processors.app`). Assigning to a faust
+table writes the change to its changelog at once, through faust's per-record send
+machinery, which costs more than the intake decision itself; and a user's bucket and each
+partition's share of the global bucket would be written once per record. Through
+`WriteBehind`, each key changed in a batch is written once, when the batch is flushed: to
+the table's store, and straight to its changelog partition through the producer. The
+changelog record is what faust would write (JSON key and value, in the partition of the
+record that made the change, since tables are co-partitioned with their source topic),
+so faust's recovery reads it back as its own.
 """
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Iterator, MutableMapping
-from contextlib import contextmanager
+import json
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
-import faust.streams
-from faust.types import EventT
+from faust.types import ProducerT, TableT
 
 
 class Store(Protocol):
@@ -27,11 +29,16 @@ class Store(Protocol):
 
 
 class WriteBehind:
-    """Reads see this batch's writes; `flush` hands each changed key to the table once."""
+    """Reads see this batch's writes; `flush` writes each changed key once.
 
-    def __init__(self, table: MutableMapping[str, Any]) -> None:
+    Set `partition` to the partition of the record being decided before deciding it: its
+    changes belong to that changelog partition.
+    """
+
+    def __init__(self, table: TableT) -> None:
         self._table = table
-        self._pending: dict[str, tuple[Any, EventT | None]] = {}
+        self._pending: dict[str, tuple[Any, int]] = {}
+        self.partition: int | None = None
 
     def get(self, key: str, default: Any = None) -> Any:
         if key in self._pending:
@@ -39,24 +46,24 @@ class WriteBehind:
         return self._table.get(key, default)
 
     def __setitem__(self, key: str, value: Any) -> None:
-        self._pending[key] = (value, faust.streams.current_event())
+        if self.partition is None:
+            raise RuntimeError("a table changed outside the decision of a record")
+        self._pending[key] = (value, self.partition)
 
-    def flush(self) -> None:
-        for key, (value, event) in self._pending.items():
-            # The table writes to the changelog partition of the current event: the one
-            # that last changed the key, as if it were written then.
-            with current_event(event):
-                self._table[key] = value
+    async def flush(self, producer: ProducerT) -> list[Awaitable[Any]]:
+        """Apply this batch's changes and send them to the changelog; return the sends'
+        acknowledgements, which must arrive before any record of the batch is acked."""
+        topic = self._table.changelog_topic.get_topic_name()
+        acknowledgements = []
+        for key, (value, partition) in self._pending.items():
+            self._table.data[key] = value
+            acknowledgement = await producer.send(
+                topic, _json(key), _json(value), partition, timestamp=None, headers=None
+            )
+            acknowledgements.append(acknowledgement)
         self._pending.clear()
+        return acknowledgements
 
 
-@contextmanager
-def current_event(event: EventT | None) -> Iterator[None]:
-    """Make `event` faust's current event in this task. faust sets it only while a stream
-    yields one event at a time, not while an agent works through a batch, and tables need
-    it to pick the changelog partition."""
-    token = faust.streams._current_event.set(weakref.ref(event) if event else None)
-    try:
-        yield
-    finally:
-        faust.streams._current_event.reset(token)
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()

@@ -312,6 +312,9 @@ def test_dedupe_memory_survives_sigkill(processor_factory, isolated_stack) -> No
         for retry in retries:
             publisher.publish(retry)
     answers = results_for(isolated_stack, {r.request_id for r in retries})
+    # Results are at least once: a rebalance after the restart (the killed member's session
+    # ending) can decide a retry twice, but every answer must be the same.
     for original, retry in zip(requests, retries, strict=True):
-        (answer,) = answers[retry.request_id]
-        assert (answer.status, answer.duplicate_of) == (Status.DUPLICATE, original.request_id)
+        assert {(a.status, a.duplicate_of) for a in answers[retry.request_id]} == {
+            (Status.DUPLICATE, original.request_id)
+        }
