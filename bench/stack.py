@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from infra.embedded import EmbeddedStack
+from infra.embedded import EMBEDDED_FETCH_WAIT_MS, EmbeddedStack
 from infra.settings import Settings, as_environment, load_settings
 
 # Tansu holds a consumer group's first join for half the session timeout.
@@ -30,6 +30,7 @@ def private_stack() -> Iterator[Settings]:
             s3_endpoint=f"127.0.0.1:{_free_port()}",
             state_dir=str(Path(state_dir)),
             kafka_session_timeout_ms=SESSION_TIMEOUT_MS,
+            kafka_fetch_wait_ms=EMBEDDED_FETCH_WAIT_MS,
             # Benchmarks run beside other work: the default metrics ports may be taken.
             processor_metrics_port=0,
             worker_metrics_port=0,

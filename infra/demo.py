@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from consumers.results import ResultSubscriber
-from infra.embedded import EmbeddedStack
+from infra.embedded import EMBEDDED_FETCH_WAIT_MS, EmbeddedStack
 from infra.errors import ImagegenError
 from infra.kafka import check_broker
 from infra.object_store import ObjectStore
@@ -99,7 +99,11 @@ def _stack(settings: Settings, console: Console) -> Iterator[None]:
 @contextmanager
 def _child(args: list[str], log: Path, console: Console) -> Iterator[None]:
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {"IMAGEGEN_KAFKA_SESSION_TIMEOUT_MS": DEMO_SESSION_TIMEOUT_MS, **os.environ}
+    env = {
+        "IMAGEGEN_KAFKA_SESSION_TIMEOUT_MS": DEMO_SESSION_TIMEOUT_MS,
+        "IMAGEGEN_KAFKA_FETCH_WAIT_MS": str(EMBEDDED_FETCH_WAIT_MS),
+        **os.environ,
+    }
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "infra", *args], env=env, stdout=out, stderr=subprocess.STDOUT

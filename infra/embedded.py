@@ -28,6 +28,9 @@ from infra.settings import Settings, split_host_port
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
 # Tansu listens on IPv4 only, so clients must be told 127.0.0.1, never "localhost".
 BIND_HOST = "127.0.0.1"
+# Tansu answers a waiting fetch only when its wait ends, so its clients wait briefly
+# (IMAGEGEN_KAFKA_FETCH_WAIT_MS): each hop through it then takes milliseconds, not 100.
+EMBEDDED_FETCH_WAIT_MS = 10
 
 # Processes this interpreter started, kept so that `down` can reap them (no zombies).
 _children: dict[int, subprocess.Popen[bytes]] = {}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.embedded import EmbeddedStack
+from infra.embedded import EMBEDDED_FETCH_WAIT_MS, EmbeddedStack
 from infra.provision import provision
 from infra.settings import Settings, as_environment, load_settings
 from tests.helpers import free_port
@@ -59,6 +59,7 @@ def _embedded_stack(state_dir: Path) -> Iterator[Settings]:
         s3_endpoint=f"127.0.0.1:{free_port()}",
         state_dir=str(state_dir),
         kafka_session_timeout_ms=TEST_SESSION_TIMEOUT_MS,
+        kafka_fetch_wait_ms=EMBEDDED_FETCH_WAIT_MS,
         **NO_METRICS,
     )
     stack = EmbeddedStack(settings)
