@@ -463,8 +463,15 @@ def test_the_processor_counts_its_decisions_and_answers_within_the_trace(
         producer = make_producer(isolated_stack)
         producer.produce(REQUESTS, key=b"cy", value=b"\xff not json")
         assert producer.flush(30) == 0
+        # Sends are counted once acknowledged, after their whole batch is decided: wait for
+        # the last of them (one admission, two answers).
         metrics = scrape_until(
-            port, lambda m: m.get(("imagegen_records_consumed_total", (("topic", REQUESTS),))) == 5
+            port,
+            lambda m: (
+                m.get(("imagegen_records_produced_total", (("topic", RENDER),))) == 1
+                and m.get(("imagegen_records_produced_total", (("topic", RESULTS),))) == 2
+                and m.get(("imagegen_dlq_records_total", (("stage", "validate"),))) == 1
+            ),
         )
     finally:
         processor.stop()
@@ -481,9 +488,7 @@ def test_the_processor_counts_its_decisions_and_answers_within_the_trace(
         "rejected": 1,
         "invalid": 1,
     }
-    assert metrics[("imagegen_dlq_records_total", (("stage", "validate"),))] == 1
-    assert metrics[("imagegen_records_produced_total", (("topic", RENDER),))] == 1
-    assert metrics[("imagegen_records_produced_total", (("topic", RESULTS),))] == 2
+    assert metrics[("imagegen_records_consumed_total", (("topic", REQUESTS),))] == 5
 
     answers = {
         decode(GenerationResult, m.value()).request_id: m
