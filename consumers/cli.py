@@ -59,9 +59,12 @@ def worker(
         setting="--metrics-port (or IMAGEGEN_WORKER_METRICS_PORT)",
     )
     # OpenMP threads that spin while waiting for work starve everything else on a busy
-    # CPU host (Kafka, S3, other processes): measured 3-5x slower renders under load.
-    # It must be set before torch loads.
+    # CPU host (Kafka, S3, other processes): measured 3x slower renders under load. Threads
+    # that sleep at once wake too late for the next small operation: measured 1.3x slower
+    # renders of one small image. So they spin briefly (GNU OpenMP: about a millisecond),
+    # then sleep. Both must be set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("GOMP_SPINCOUNT", "100000")
     # torch and diffusers are slow to import: load them only for this command.
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
