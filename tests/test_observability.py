@@ -494,8 +494,17 @@ def test_the_processor_counts_its_decisions_and_answers_within_the_trace(
         decode(GenerationResult, m.value()).request_id: m
         for m in read_topic(isolated_stack, RESULTS, lambda ms: len(ms) >= 2)
     }
+    # The answer continues the trace the request carried (a child of TRACEPARENT's span
+    # where an OpenTelemetry SDK records the publisher's spans).
+    published = {
+        decode(GenerationRequest, m.value()).request_id: dict(m.headers() or [])
+        for m in read_topic(isolated_stack, REQUESTS, lambda ms: len(ms) >= 5)
+        if m.value().startswith(b"{")
+    }
     for request_id in (duplicate, limited):
-        assert dict(answers[request_id].headers())["traceparent"] == TRACEPARENT.encode()
+        sent = published[request_id]["traceparent"]
+        assert sent.decode().split("-")[1] == TRACEPARENT.split("-")[1]
+        assert dict(answers[request_id].headers())["traceparent"] == sent
 
     lines = [json.loads(line) for line in (tmp_path / "p.log").read_text().splitlines()]
     (invalid,) = [line for line in lines if line["message"].startswith("dead-lettered")]
