@@ -2,7 +2,8 @@
 
 Both use the same model, batch, size and steps.
 
-For each batch size of the sweep, back to back so that both see the same background load:
+For each batch size of the sweep (run `rounds` times; each batch size reports the round
+with its median ratio), back to back so that both see the same background load:
 - bare: `Renderer.render` on batches of requests, after a warm-up batch, then
   `encode_image` on every image; reported as render only and as render+encode, the
   worker's real work and the ratio's denominator.
@@ -69,6 +70,9 @@ class Profile:
     min_batches: int
     bare_s: float  # of timed bare rendering per batch size, after the warm-up
     max_wait_ms: float
+    #: Sweeps run in turn; each batch size reports the round with the median ratio. A
+    #: shared CPU's speed drifts between runs (measured: the same bare loop 25% apart).
+    rounds: int
 
 
 CPU = Profile(
@@ -85,8 +89,9 @@ CPU = Profile(
     bare_s=5.0,
     # The backlog is preloaded, so batches fill within this as long as fetching keeps up.
     max_wait_ms=50.0,
+    rounds=3,
 )
-QUICK = replace(CPU, worker_s=4.0, bare_s=2.0)
+QUICK = replace(CPU, worker_s=4.0, bare_s=2.0, rounds=1)
 GPU = replace(
     CPU,
     device="cuda",
@@ -98,6 +103,7 @@ GPU = replace(
     requests=30,
     bare_s=10.0,
     worker_s=600.0,
+    rounds=1,
 )
 
 
@@ -297,7 +303,11 @@ def run(profile: Profile, scratch: Path) -> dict[str, object]:
     """The sweep; worker logs and the bare loop's model cache go to `scratch`."""
     started = time.monotonic()
     renderer = load_renderer(profile, scratch / "models")
-    rows = [measure(renderer, profile, batch, scratch) for batch in profile.batch_sizes]
+    sweeps = [
+        [measure(renderer, profile, batch, scratch) for batch in profile.batch_sizes]
+        for _ in range(profile.rounds)
+    ]
+    rows = [_median(rounds) for rounds in zip(*sweeps, strict=True)]
     return {
         "profile": asdict(profile),
         "torch_threads": torch.get_num_threads(),
@@ -326,6 +336,13 @@ def row(batch: int, bare_figures: Bare, measured: Worker) -> dict[str, object]:
         "worker": _rounded(asdict(measured)),
         "ratio": round(ratio, 3),
     }
+
+
+def _median(rounds: tuple[dict, ...]) -> dict[str, object]:
+    """The round with the median ratio, whole (its figures belong together), with every
+    round's ratio beside it."""
+    ranked = sorted(rounds, key=lambda r: r["ratio"])
+    return {**ranked[len(ranked) // 2], "round_ratios": [r["ratio"] for r in rounds]}
 
 
 def _best(rows: list[dict], score: Callable[[dict], float]) -> dict[str, object]:
