@@ -13,6 +13,7 @@ import typer
 
 from infra.logs import configure_logging
 from infra.metrics import LagMonitor, serve
+from infra.options import LogLevel, WorkerMetricsPort
 from infra.settings import load_settings
 from infra.topics import RENDER
 
@@ -33,21 +34,8 @@ def worker(
     max_wait_ms: Annotated[
         float, typer.Option(min=0, help="Longest wait for company before a batch runs.")
     ] = 10.0,
-    log_level: Annotated[
-        str | None,
-        typer.Option(
-            help="debug, info, warning, error or critical; default IMAGEGEN_LOG_LEVEL (info)."
-        ),
-    ] = None,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(
-            min=0,
-            max=65535,
-            help="Port of the Prometheus endpoint, 0 for none; give each worker on a host its "
-            "own; default IMAGEGEN_WORKER_METRICS_PORT (9465).",
-        ),
-    ] = None,
+    log_level: LogLevel = None,
+    metrics_port: WorkerMetricsPort = None,
 ) -> None:
     """Render requests from imagegen.render, store the images, publish the results."""
     settings = load_settings()

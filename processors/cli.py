@@ -2,30 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import typer
-
+from infra.options import LogLevel, ProcessorMetricsPort
 from infra.settings import load_settings
 
 
-def processor(
-    log_level: Annotated[
-        str | None,
-        typer.Option(
-            help="debug, info, warning, error or critical; default IMAGEGEN_LOG_LEVEL (info)."
-        ),
-    ] = None,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(
-            min=0,
-            max=65535,
-            help="Port of the Prometheus endpoint, 0 for none; default "
-            "IMAGEGEN_PROCESSOR_METRICS_PORT (9464).",
-        ),
-    ] = None,
-) -> None:
+def processor(log_level: LogLevel = None, metrics_port: ProcessorMetricsPort = None) -> None:
     """Validate, dedupe and rate-limit requests into imagegen.render, until SIGTERM."""
     from processors.app import IntakeProcessor  # faust is slow to import; only load it here
 

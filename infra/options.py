@@ -1,0 +1,30 @@
+"""Command-line options that several `imagegen` commands share."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+LogLevel = Annotated[
+    str | None,
+    typer.Option(
+        help="debug, info, warning, error or critical; default IMAGEGEN_LOG_LEVEL (info)."
+    ),
+]
+
+
+def _metrics_port(variable: str, default: int) -> object:
+    return Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help=f"Port of the Prometheus endpoint, 0 for none; give each process on a host "
+            f"its own; default {variable} ({default}).",
+        ),
+    ]
+
+
+ProcessorMetricsPort = _metrics_port("IMAGEGEN_PROCESSOR_METRICS_PORT", 9464)
+WorkerMetricsPort = _metrics_port("IMAGEGEN_WORKER_METRICS_PORT", 9465)
