@@ -14,7 +14,7 @@ from rich.table import Table
 from consumers.cli import worker
 from consumers.dlq_cli import dlq_app
 from consumers.results_cli import fetch, results
-from infra.embedded import EmbeddedStack
+from infra.embedded import EMBEDDED_FETCH_WAIT_MS, EmbeddedStack
 from infra.errors import ImagegenError
 from infra.provision import provision
 from infra.settings import load_settings
@@ -74,6 +74,11 @@ def stack_up(
         f"[green]stack is up[/green]: IMAGEGEN_KAFKA_BOOTSTRAP={settings.kafka_bootstrap} "
         f"IMAGEGEN_S3_ENDPOINT={settings.s3_endpoint} (bucket {settings.s3_bucket})"
     )
+    if settings.kafka_fetch_wait_ms > EMBEDDED_FETCH_WAIT_MS:
+        console.print(
+            "Tansu answers a waiting fetch only when the wait ends: before starting processes "
+            f"against it, export IMAGEGEN_KAFKA_FETCH_WAIT_MS={EMBEDDED_FETCH_WAIT_MS}"
+        )
 
 
 @stack_app.command("status")
