@@ -1,10 +1,10 @@
 """`imagegen status`: the pipeline's topics, consumer groups and services, as they are now.
 
-Record counts are high minus low watermark, and a group's lag is the partition's high
-watermark minus the group's committed offset. Both are exact on Apache Kafka and approximate
-on the embedded broker: Tansu 0.6.0 can report a high watermark inside a partition's last
-multi-record batch. A group's state and members are shown as the broker reports them; Tansu
-says STABLE with no members while members run.
+Record counts are a partition's end minus its low watermark, and a group's lag is the end
+minus the group's committed offset. The end is the one a fetch reports
+(`infra.kafka.fetched_end_offsets`): Tansu 0.6.0, the embedded broker, answers ListOffsets
+with an offset inside a partition's last multi-record batch. A group's state and members are
+shown as the broker reports them; Tansu says STABLE with no members while members run.
 
 Every request to the broker, the object store and the metrics endpoints has a short timeout,
 so a dead service is reported within seconds instead of hanging the command.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
 import typer
@@ -27,7 +27,7 @@ from rich.table import Table
 from urllib3.exceptions import HTTPError
 
 from infra.errors import BrokerUnavailable, ImagegenError
-from infra.kafka import check_broker, make_admin, make_consumer
+from infra.kafka import check_broker, fetched_end_offsets, make_admin, make_consumer
 from infra.object_store import ObjectStore
 from infra.settings import Settings, load_settings
 from infra.topics import DLQ, RENDER, REQUESTS, TOPICS
@@ -166,7 +166,11 @@ def _kafka_status(
             for name in metadata.topics
             if name.startswith(f"{PROCESSOR_GROUP}-") and name.endswith("-changelog")
         )
-        topics = tuple(_topic_status(consumer, metadata, name, timeout_s) for name in names)
+        topics = _with_fetched_ends(
+            settings,
+            tuple(_topic_status(consumer, metadata, name, timeout_s) for name in names),
+            timeout_s,
+        )
         ranges = {(t.name, p.partition): p for t in topics for p in t.partitions}
         groups = tuple(
             _group_status(admin, metadata, ranges, group, timeout_s)
@@ -175,6 +179,8 @@ def _kafka_status(
     except (KafkaException, TimeoutError) as exc:
         detail = f"the broker stopped answering: {_kafka_reason(exc)}"
         return Check("broker", address, False, detail), (), ()
+    except BrokerUnavailable as exc:
+        return Check("broker", address, False, f"the broker stopped answering: {exc}"), (), ()
     finally:
         consumer.close()
     detail = f"answers; brokers in the cluster: {len(metadata.brokers)}"
@@ -197,6 +203,24 @@ def _topic_status(
     except KafkaException as exc:
         return TopicStatus(name, error=f"watermarks unavailable: {exc.args[0].str()}")
     return TopicStatus(name, tuple(ranges))
+
+
+def _with_fetched_ends(
+    settings: Settings, topics: tuple[TopicStatus, ...], timeout_s: float
+) -> tuple[TopicStatus, ...]:
+    """`topics` with each partition's high watermark replaced by the end a fetch reports."""
+    wanted = [(t.name, p.partition) for t in topics for p in t.partitions]
+    ends = fetched_end_offsets(settings, wanted, timeout_s)
+    return tuple(
+        replace(
+            topic,
+            partitions=tuple(
+                replace(p, high=max(p.high, ends[(topic.name, p.partition)]))
+                for p in topic.partitions
+            ),
+        )
+        for topic in topics
+    )
 
 
 def _group_ids(admin: AdminClient, timeout_s: float) -> list[str]:
@@ -382,10 +406,9 @@ def pipeline_status(
     """Topics, consumer groups with their lag, the DLQ, and the stack's health; exit 1 when the
     broker or the object store is unhealthy.
 
-    Records per partition are high minus low watermark, and lag is the high watermark minus the
-    group's committed offset. On the embedded broker (Tansu) both are approximate: it can report
-    a high watermark inside a partition's last batch, so they can come out low by up to that
-    batch. Group state and members are what the broker reports.
+    Records per partition are its end minus its low watermark, and lag is the end minus the
+    group's committed offset, with the end a fetch reports (exact on Tansu too). Group state
+    and members are what the broker reports.
     """
     report = collect(load_settings(), timeout)
     if as_json:

@@ -35,17 +35,14 @@ def imagegen_status(env: dict[str, str], *args: str) -> subprocess.CompletedProc
     )
 
 
-def produce_one_by_one(settings: Settings, topic: str, counts: dict[int, int]) -> None:
-    """`counts[p]` records to partition p, each in a batch of its own.
-
-    Tansu can report a high watermark inside a multi-record batch; single-record batches keep
-    the counts exact, so the test can check numbers rather than approximations.
-    """
-    producer = make_producer(settings)
+def produce_batches(settings: Settings, topic: str, counts: dict[int, int]) -> None:
+    """`counts[p]` records to partition p, in one batch: Tansu reports a high watermark
+    inside such a batch, so exact counts show that `status` reads the ends a fetch reports."""
+    producer = make_producer(settings, **{"linger.ms": 100})
     for partition, count in counts.items():
         for n in range(count):
             producer.produce(topic, value=f"{partition}-{n}".encode(), partition=partition)
-            assert producer.flush(10) == 0
+    assert producer.flush(10) == 0
 
 
 def commit_as(settings: Settings, group: str, topic: str, offsets: dict[int, int]) -> None:
@@ -67,8 +64,8 @@ def commit_as(settings: Settings, group: str, topic: str, offsets: dict[int, int
 
 
 def test_status_shows_topics_groups_lag_and_the_dlq(isolated_stack: Settings) -> None:
-    produce_one_by_one(isolated_stack, RENDER, {0: 5, 1: 3, 2: 4})
-    produce_one_by_one(isolated_stack, REQUESTS, {0: 2})
+    produce_batches(isolated_stack, RENDER, {0: 5, 1: 3, 2: 4})
+    produce_batches(isolated_stack, REQUESTS, {0: 2})
     # The workers handled 3 of partition 0 and all of partition 1, and never committed on 2.
     commit_as(isolated_stack, "imagegen-workers", RENDER, {0: 3, 1: 3})
     commit_as(isolated_stack, "test-status-other", REQUESTS, {0: 1})
