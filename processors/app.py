@@ -53,6 +53,8 @@ ADMITTED_AT_HEADER = "imagegen.admitted_at_ms"
 # big enough to amortise a broker round trip, short enough to add no noticeable latency.
 BATCH_MAX = 500
 BATCH_WITHIN_S = 0.005
+# The longest between two sweeps for expired dedupe entries.
+SWEEP_INTERVAL_S = 60.0
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,10 @@ class IntakeProcessor:
         ]
         dedupe_memory, buckets = self.state
         self.intake = Intake(settings, dedupe_memory, buckets, partitions=self.partitions)
+        # Expired entries are forgotten at the first batch a tenth of the window (at most
+        # SWEEP_INTERVAL_S) after the last sweep.
+        self._sweep_interval_s = min(SWEEP_INTERVAL_S, settings.dedupe_window_s / 10)
+        self._next_sweep = time.monotonic() + self._sweep_interval_s
         self.app.agent(self.requests, name="intake")(self._consume)
 
     async def _consume(self, stream: StreamT) -> None:
@@ -102,6 +108,8 @@ class IntakeProcessor:
                 await stream.ack(event)
 
     async def _handle_batch(self, events: list[EventT]) -> None:
+        if time.monotonic() >= self._next_sweep:
+            self._forget_expired()
         sending = []
         for event in events:
             for store in self.state:
@@ -124,6 +132,19 @@ class IntakeProcessor:
             for (topic, _), result in zip(sends, results, strict=True):
                 if not isinstance(result, BaseException):
                     RECORDS_PRODUCED.labels(topic).inc()
+
+    def _forget_expired(self) -> None:
+        """Delete the dedupe entries past the window, so that memory holds one window of
+        requests, not every request ever. Only the partitions this processor owns now: an
+        entry it still holds for a partition that moved may have been renewed by the new
+        owner. Runs before a batch is decided, so the batch's own writes win."""
+        assigned = self.app.assignor.assigned_actives()
+        owned = {tp.partition for tp in assigned if tp.topic == REQUESTS}
+        dedupe_memory = self.state[0]
+        for key, partition in self.intake.expired_dedupe(dedupe_memory.stored()):
+            if partition in owned:
+                dedupe_memory.delete(key, partition)
+        self._next_sweep = time.monotonic() + self._sweep_interval_s
 
     async def _start(self, event: EventT) -> list[Sent]:
         """Decide the event's outcome and start its sends; return their acknowledgements."""

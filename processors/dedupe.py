@@ -3,6 +3,7 @@ when, for `IMAGEGEN_DEDUPE_WINDOW_S`."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -51,6 +52,11 @@ class Deduper:
         if (admitted_partition, admitted_offset) == (partition, offset):
             return Verdict(Seen.REDELIVERY, admitted_id)
         return Verdict(Seen.PUBLISH_RETRY, admitted_id)
+
+    def expired(self, entries: Iterable[tuple[str, list]], now: float) -> list[tuple[str, int]]:
+        """The keys among `entries` (key, stored entry) past the window, with the partition
+        that admitted each: forgetting them changes no verdict."""
+        return [(key, entry[2]) for key, entry in entries if now - entry[1] >= self._window_s]
 
     def remember(self, request: GenerationRequest, partition: int, offset: int, now: float) -> None:
         self._memory[dedupe_key(request)] = [request.request_id, now, partition, offset]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -137,6 +137,10 @@ class Intake:
         with _stage(Stage.DEDUPE):
             self._deduper.remember(request, partition, offset, now)
         return Admit(request)
+
+    def expired_dedupe(self, entries: Iterable[tuple[str, list]]) -> list[tuple[str, int]]:
+        """The dedupe entries past the window, as (key, partition)."""
+        return self._deduper.expired(entries, self._clock())
 
 
 def _result(request: GenerationRequest, status: Status, **fields: object) -> GenerationResult:

@@ -28,6 +28,10 @@ class Store(Protocol):
     def __setitem__(self, key: str, value: Any, /) -> None: ...
 
 
+# A pending deletion: the key leaves the store, and a tombstone goes to the changelog.
+_DELETED = object()
+
+
 class WriteBehind:
     """Reads see this batch's writes; `flush` writes each changed key once.
 
@@ -42,8 +46,17 @@ class WriteBehind:
 
     def get(self, key: str, default: Any = None) -> Any:
         if key in self._pending:
-            return self._pending[key][0]
+            value = self._pending[key][0]
+            return default if value is _DELETED else value
         return self._table.get(key, default)
+
+    def stored(self) -> list[tuple[str, Any]]:
+        """Every entry of the store as of the last flush (this process's partitions, and
+        possibly stale ones of partitions it owned before a rebalance)."""
+        return list(self._table.data.items())
+
+    def delete(self, key: str, partition: int) -> None:
+        self._pending[key] = (_DELETED, partition)
 
     def __setitem__(self, key: str, value: Any) -> None:
         if self.partition is None:
@@ -56,9 +69,17 @@ class WriteBehind:
         topic = self._table.changelog_topic.get_topic_name()
         acknowledgements = []
         for key, (value, partition) in self._pending.items():
-            self._table.data[key] = value
+            if value is _DELETED:
+                self._table.data.pop(key, None)
+            else:
+                self._table.data[key] = value
             acknowledgement = await producer.send(
-                topic, _json(key), _json(value), partition, timestamp=None, headers=None
+                topic,
+                _json(key),
+                None if value is _DELETED else _json(value),
+                partition,
+                timestamp=None,
+                headers=None,
             )
             acknowledgements.append(acknowledgement)
         self._pending.clear()

@@ -11,6 +11,7 @@ import json
 import pytest
 
 from infra.settings import load_settings
+from processors.dedupe import Deduper
 from processors.intake import Admit, Answer, Drop, Intake, Invalid
 from schemas import GenerationRequest, Reason, Status, encode
 
@@ -180,3 +181,10 @@ def test_a_replay_of_an_admitted_request_is_admitted_again() -> None:
     assert isinstance(intake.decide(original, 0, 0), Admit)
     assert isinstance(intake.decide(original, 0, 7), Drop)  # a publish retry
     assert isinstance(intake.decide(original, 0, 9, replayed=True), Admit)
+
+
+def test_only_entries_past_the_window_expire() -> None:
+    deduper = Deduper({}, window_s=10)
+    entries = [("old", ["r1", 100.0, 2, 7]), ("fresh", ["r2", 105.0, 4, 9])]
+    assert deduper.expired(entries, now=110.0) == [("old", 2)]
+    assert deduper.expired(entries, now=109.9) == []
