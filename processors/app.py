@@ -40,11 +40,11 @@ from infra.metrics import (
 )
 from infra.settings import Settings
 from infra.topics import DLQ, RENDER, REQUESTS, RESULTS, ensure_topics
-from infra.tracing import trace_headers
+from infra.tracing import TRACEPARENT, TRACESTATE, Span, start_span, trace_headers
 from processors.faust_app import App
 from processors.intake import Admit, Answer, Drop, Intake, Invalid, Outcome, StageFailed
 from processors.state import WriteBehind
-from schemas import DeadLetter, GenerationResult, Stage, Status, encode
+from schemas import DeadLetter, Stage, Status, encode
 from schemas.dead_letters import REPLAY_HEADER
 
 APP_ID = "imagegen-processor"
@@ -156,31 +156,33 @@ class IntakeProcessor:
         except StageFailed as failure:
             await self._dead_letter(event, failure.__cause__ or failure, failure.stage)
             return []
+        span = _intake_span(event, outcome)
         try:
-            return await self._perform(outcome, event)
+            return await self._perform(outcome, event, span.headers)
         except Exception as exc:
+            span.end(exc)
             await self._dead_letter(event, exc, Stage.PUBLISH)
             return []
+        finally:
+            span.end()
 
-    async def _perform(self, outcome: Outcome, event: EventT) -> list[Sent]:
+    async def _perform(self, outcome: Outcome, event: EventT, trace: Headers) -> list[Sent]:
+        """Start the outcome's sends; what they produce continues the request's trace."""
         INTAKE_REQUESTS.labels(outcome_label(outcome)).inc()
         match outcome:
             case Admit():
-                admitted = [*_headers(event), (ADMITTED_AT_HEADER, _now_ms())]
+                admitted = [*_untraced(_headers(event)), *trace, (ADMITTED_AT_HEADER, _now_ms())]
                 return [await self._send(RENDER, event.key, event.value, admitted)]
             case Answer(result=result):
-                return [await self._answer(result, event)]
+                return [await self._send(RESULTS, result.kafka_key, encode(result), trace)]
             case Drop(request_id=request_id):
                 log.debug("dropped publish retry", extra={"request_id": request_id})
                 return []
             case Invalid(error=error, result=result):
                 await self._dead_letter(event, error, Stage.VALIDATE)
-                return [] if result is None else [await self._answer(result, event)]
-
-    async def _answer(self, result: GenerationResult, event: EventT) -> Sent:
-        # The result continues the request's trace, as the worker's results do.
-        headers = trace_headers(_headers(event))
-        return await self._send(RESULTS, result.kafka_key, encode(result), headers)
+                if result is None:
+                    return []
+                return [await self._send(RESULTS, result.kafka_key, encode(result), trace)]
 
     async def _dead_letter(self, event: EventT, error: BaseException, stage: Stage) -> None:
         message = event.message
@@ -318,6 +320,32 @@ def outcome_label(outcome: Outcome) -> str:
             return "publish_retry"
         case Invalid():
             return "invalid"
+
+
+def _intake_span(event: EventT, outcome: Outcome) -> Span:
+    """A span for the decision, the child of the trace the record carries. A record without
+    one starts none: the intake is not where a request's trace begins."""
+    headers = _headers(event)
+    if not trace_headers(headers):
+        return Span([])
+    attributes: dict[str, str] = {"imagegen.outcome": outcome_label(outcome)}
+    if not isinstance(outcome, Invalid):
+        attributes["imagegen.request_id"] = _request_id(outcome)
+    return start_span("imagegen.intake", headers, kind="consumer", attributes=attributes)
+
+
+def _request_id(outcome: Admit | Answer | Drop) -> str:
+    match outcome:
+        case Admit(request=request):
+            return request.request_id
+        case Answer(result=result):
+            return result.request_id
+        case Drop(request_id=request_id):
+            return request_id
+
+
+def _untraced(headers: Headers) -> Headers:
+    return [(name, value) for name, value in headers if name not in (TRACEPARENT, TRACESTATE)]
 
 
 def _headers(event: EventT) -> Headers:

@@ -513,3 +513,43 @@ def test_the_processor_counts_its_decisions_and_answers_within_the_trace(
         REQUESTS,
         "warning",
     )
+
+
+def test_the_processor_spans_its_decision_within_the_request_trace(
+    isolated_stack: Settings, tmp_path: Path
+) -> None:
+    launcher = tmp_path / "traced.py"
+    launcher.write_text(TRACED_LAUNCHER)
+    processor_spans = tmp_path / "processor-spans.jsonl"
+    processor = Service(
+        [str(processor_spans), "processor"],
+        settings_env(isolated_stack),
+        tmp_path / "p.log",
+        launcher,
+    )
+    processor.start()
+    try:
+        with RequestPublisher(isolated_stack) as publisher:
+            traced = publisher.publish(user_id="di", prompt="a boat", traceparent=TRACEPARENT)
+        # Straight to the topic: no publisher (nor its SDK, if a test set one) adds a trace.
+        bare = GenerationRequest.new(user_id="di", prompt="a bell")
+        producer = make_producer(isolated_stack)
+        producer.produce(REQUESTS, key=bare.kafka_key, value=encode(bare))
+        assert producer.flush(30) == 0
+        admitted = {
+            decode(GenerationRequest, m.value()).request_id: dict(m.headers())
+            for m in read_topic(isolated_stack, RENDER, lambda ms: len(ms) >= 2)
+        }
+    finally:
+        processor.stop()  # flushes nothing: each span is written as it ends
+
+    recorded = [json.loads(line) for line in processor_spans.read_text().splitlines()]
+    spans = {s["attributes"]["imagegen.request_id"]: s for s in recorded}
+    assert bare.request_id not in spans  # no trace, no span
+    span = spans[traced]
+    assert (span["name"], span["attributes"]["imagegen.outcome"]) == ("imagegen.intake", "admitted")
+    # The child of the request's trace, and the parent of what the processor produced.
+    assert span["context"]["trace_id"][2:] == TRACEPARENT.split("-")[1]
+    forwarded = admitted[traced]["traceparent"].decode().split("-")
+    assert forwarded[1:3] == [span["context"]["trace_id"][2:], span["context"]["span_id"][2:]]
+    assert "traceparent" not in admitted[bare.request_id]
