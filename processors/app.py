@@ -4,11 +4,12 @@ or dead-letters it to `imagegen.dlq`.
 
 Guarantees, and where they are enforced:
 - Nothing is skipped. No exception ever leaves the agent's loop (faust would ack the record
-  and commit past it, faust-streaming issue 315): `_handle` turns every failure into a dead
-  letter. If even the dead letter cannot be written, the process exits at once, before the
-  record is acked, and the restarted processor reads it again.
-- Nothing is lost on the way out. Every send is awaited until the broker acknowledges it,
-  before the loop moves on and faust acks the record; faust commits only acked offsets.
+  and commit past it, faust-streaming issue 315): `_start` turns every failure into a dead
+  letter. If even the dead letter or the state cannot be written, the process exits at
+  once, before the batch is acked, and the restarted processor reads it again.
+- Nothing is lost on the way out. The records of a batch are acked only once every send
+  made for the batch (render, results, DLQ, changelogs) is acknowledged by the broker;
+  faust commits only acked offsets.
 - State survives crashes. Dedupe memory and token buckets are faust tables backed by
   changelog topics, rebuilt on start-up by reading each changelog to its end.
 """
