@@ -150,16 +150,17 @@ class IntakeProcessor:
     async def _start(self, event: EventT) -> list[Sent]:
         """Decide the event's outcome and start its sends; return their acknowledgements."""
         message = event.message
+        headers = _headers(event)
         try:
             outcome = self.intake.decide(
-                event.value, message.partition, message.offset, _replayed(event)
+                event.value, message.partition, message.offset, _replayed(headers)
             )
         except StageFailed as failure:
             await self._dead_letter(event, failure.__cause__ or failure, failure.stage)
             return []
-        span = _intake_span(event, outcome)
+        span = _intake_span(headers, outcome)
         try:
-            return await self._perform(outcome, event, span.headers)
+            return await self._perform(outcome, event, headers, span.headers)
         except Exception as exc:
             span.end(exc)
             await self._dead_letter(event, exc, Stage.PUBLISH)
@@ -167,12 +168,14 @@ class IntakeProcessor:
         finally:
             span.end()
 
-    async def _perform(self, outcome: Outcome, event: EventT, trace: Headers) -> list[Sent]:
+    async def _perform(
+        self, outcome: Outcome, event: EventT, headers: Headers, trace: Headers
+    ) -> list[Sent]:
         """Start the outcome's sends; what they produce continues the request's trace."""
         INTAKE_REQUESTS.labels(outcome_label(outcome)).inc()
         match outcome:
             case Admit():
-                admitted = [*_untraced(_headers(event)), *trace, (ADMITTED_AT_HEADER, _now_ms())]
+                admitted = [*_untraced(headers), *trace, (ADMITTED_AT_HEADER, _now_ms())]
                 return [await self._send(RENDER, event.key, event.value, admitted)]
             case Answer(result=result):
                 return [await self._send(RESULTS, result.kafka_key, encode(result), trace)]
@@ -323,10 +326,9 @@ def outcome_label(outcome: Outcome) -> str:
             return "invalid"
 
 
-def _intake_span(event: EventT, outcome: Outcome) -> Span:
+def _intake_span(headers: Headers, outcome: Outcome) -> Span:
     """A span for the decision, the child of the trace the record carries. A record without
     one starts none: the intake is not where a request's trace begins."""
-    headers = _headers(event)
     if not trace_headers(headers):
         return Span([])
     attributes: dict[str, str] = {"imagegen.outcome": outcome_label(outcome)}
@@ -355,8 +357,8 @@ def _headers(event: EventT) -> Headers:
     return [(name, value or b"") for name, value in items]
 
 
-def _replayed(event: EventT) -> bool:
-    return any(name == REPLAY_HEADER for name, _ in _headers(event))
+def _replayed(headers: Headers) -> bool:
+    return any(name == REPLAY_HEADER for name, _ in headers)
 
 
 def _now_ms() -> bytes:
