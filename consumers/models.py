@@ -6,6 +6,7 @@ a local directory holding a diffusers pipeline, or a Hugging Face hub id.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -48,8 +49,9 @@ _SCHEDULER: dict[str, Any] = {
     "steps_offset": 1,
 }
 
-# One downsampling step in the VAE and one in the UNet: any side that is a multiple of 8 gives
-# a latent side that is a multiple of 4, which the UNet halves cleanly.
+# Two downsampling steps in the VAE and one in the UNet: any side that is a multiple of 8 gives
+# a latent side that is a multiple of 2, which the UNet halves cleanly. The VAE's second step
+# quarters the UNet's work: a 64x64 image takes a 16x16 latent.
 _TINY_UNET: dict[str, Any] = {
     "sample_size": 32,
     "block_out_channels": (32, 64),
@@ -59,9 +61,9 @@ _TINY_UNET: dict[str, Any] = {
     "cross_attention_dim": 32,
 }
 _TINY_VAE: dict[str, Any] = {
-    "block_out_channels": (32, 64),
-    "down_block_types": ("DownEncoderBlock2D",) * 2,
-    "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "block_out_channels": (32, 64, 64),
+    "down_block_types": ("DownEncoderBlock2D",) * 3,
+    "up_block_types": ("UpDecoderBlock2D",) * 3,
     "latent_channels": 4,
 }
 _TINY_TEXT: dict[str, Any] = {
@@ -261,8 +263,18 @@ def _from_pretrained(source: str | Path, dtype: torch.dtype) -> DiffusionPipelin
         ) from exc
 
 
+def tiny_dir(cache_dir: Path) -> Path:
+    """Where `tiny` is cached under `cache_dir`.
+
+    The name carries a digest of tiny's definition, so a changed definition is built anew
+    instead of loading an older tiny from the cache.
+    """
+    definition = json.dumps([_TINY_UNET, _TINY_VAE, _TINY_TEXT, _SCHEDULER, _MERGES])
+    return cache_dir / f"tiny-{hashlib.sha256(definition.encode()).hexdigest()[:12]}"
+
+
 def _cached_tiny(cache_dir: Path) -> Path:
-    target = cache_dir / "tiny"
+    target = tiny_dir(cache_dir)
     if (target / "model_index.json").is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
+from consumers import models
 from consumers.models import (
     ModelRegistry,
     UnknownModel,
@@ -17,6 +18,7 @@ from consumers.models import (
     parse_model_option,
     resolve_device,
     resolve_dtype,
+    tiny_dir,
 )
 from infra.errors import ConfigError
 
@@ -41,11 +43,12 @@ def same_weights(first: torch.nn.Module, second: torch.nn.Module) -> bool:
 def test_tiny_is_built_once_then_loaded_from_the_cache(
     cache_dir: Path, tiny: DiffusionPipeline
 ) -> None:
-    index = cache_dir / "tiny" / "model_index.json"
+    index = tiny_dir(cache_dir) / "model_index.json"
     built_at = index.stat().st_mtime_ns
     again = load_pipeline("tiny", CPU, torch.float32, cache_dir)
     assert index.stat().st_mtime_ns == built_at
-    assert [entry.name for entry in cache_dir.iterdir()] == ["tiny"]  # no staging left behind
+    # No staging directory left behind.
+    assert [entry.name for entry in cache_dir.iterdir()] == [tiny_dir(cache_dir).name]
     assert same_weights(again.unet, tiny.unet)
     assert same_weights(again.text_encoder, tiny.text_encoder)
 
@@ -67,10 +70,18 @@ def test_builds_racing_into_one_cache_all_get_the_same_whole_model(
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         loaded = list(pool.map(load, range(3)))
-    assert [entry.name for entry in tmp_path.iterdir()] == ["tiny"]
+    assert [entry.name for entry in tmp_path.iterdir()] == [tiny_dir(tmp_path).name]
     for pipeline in loaded:
         for name in ("unet", "vae", "text_encoder"):
             assert same_weights(getattr(pipeline, name), getattr(tiny, name)), name
+
+
+def test_a_changed_tiny_definition_is_cached_apart_from_the_old_one(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = tiny_dir(cache_dir)
+    monkeypatch.setattr(models, "_TINY_TEXT", {**models._TINY_TEXT, "num_hidden_layers": 1})
+    assert tiny_dir(cache_dir) != before
 
 
 def test_building_tiny_leaves_the_callers_random_stream_alone(tmp_path: Path) -> None:
@@ -93,11 +104,12 @@ def test_tiny_tokenizer_spells_any_text_in_byte_level_bpe(tiny: DiffusionPipelin
 
 
 def test_a_foreign_directory_in_the_tiny_cache_is_named(tmp_path: Path) -> None:
-    (tmp_path / "tiny").mkdir()
-    (tmp_path / "tiny" / "notes.txt").write_text("not a model")
+    foreign = tiny_dir(tmp_path)
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not a model")
     with pytest.raises(ConfigError, match=r"holds no model_index\.json; delete it"):
         load_pipeline("tiny", CPU, torch.float32, tmp_path)
-    assert [entry.name for entry in tmp_path.iterdir()] == ["tiny"]
+    assert [entry.name for entry in tmp_path.iterdir()] == [foreign.name]
 
 
 def test_sd15_random_has_the_stable_diffusion_15_architecture(tmp_path: Path) -> None:
