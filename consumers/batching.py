@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import queue
 import time
 from collections.abc import Callable, Hashable
@@ -10,11 +11,39 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
+class ArrivalRate:
+    """Arrivals per second lately: a count that decays with a time constant of `horizon_s`.
+
+    Arrivals in a burst count as fully as evenly spread ones, so items that a fetch hands
+    over all at once do not look like a flood.
+    """
+
+    def __init__(self, horizon_s: float = 1.0) -> None:
+        self._horizon_s = horizon_s
+        self._count = 0.0  # decayed to `_at`
+        self._at = 0.0
+
+    def observe(self, at: float) -> None:
+        """One arrival at `at` (monotonic seconds); out-of-order times count as the latest."""
+        self._count = self._decayed(max(at, self._at)) + 1.0
+        self._at = max(at, self._at)
+
+    def per_second(self, at: float) -> float:
+        return self._decayed(at) / self._horizon_s
+
+    def _decayed(self, at: float) -> float:
+        return self._count * math.exp(-max(0.0, at - self._at) / self._horizon_s)
+
+
 class Batcher(Generic[T]):
     """A queue that hands out items in batches of equal `key`, oldest first.
 
     A batch starts with the oldest waiting item and takes every compatible item already
-    waiting; while it is short of `max_batch` it waits up to `max_wait_s` for more.
+    waiting. While it is short of `max_batch` it waits up to `max_wait_s` for more, but only
+    when items have lately arrived at one per `max_wait_s` or faster: under sparse traffic
+    the wait would add its whole length to every request's latency and find no company,
+    while under dense traffic company comes within it. A busy model needs no wait either:
+    the items that arrive while it renders are waiting for the next batch already.
     Incompatible items keep their place for the next batch. Thread-safe for one consumer
     and any number of producers.
     """
@@ -27,29 +56,34 @@ class Batcher(Generic[T]):
         self._key = key
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
-        self._incoming: queue.SimpleQueue[T] = queue.SimpleQueue()
+        # Each item with when it was put, so that arrivals are timed on the producers' side.
+        self._incoming: queue.SimpleQueue[tuple[float, T]] = queue.SimpleQueue()
         self._held: list[T] = []  # taken from the queue, waiting for a batch of their kind
+        self._arrivals = ArrivalRate()
 
     def put(self, item: T) -> None:
-        self._incoming.put(item)
+        self._incoming.put((time.monotonic(), item))
 
     def next_batch(self, timeout_s: float) -> list[T]:
         """The next batch, or [] when nothing arrives within `timeout_s`."""
         self._hold_waiting()
         if not self._held:
             try:
-                self._held.append(self._incoming.get(timeout=timeout_s))
+                self._held.append(self._arrived(self._incoming.get(timeout=timeout_s)))
             except queue.Empty:
                 return []
         kind = self._key(self._held[0])
         batch = self._take(kind, self._max_batch)
-        deadline = time.monotonic() + self._max_wait_s
+        started = time.monotonic()
+        if self._arrivals.per_second(started) * self._max_wait_s < 1:
+            return batch
+        deadline = started + self._max_wait_s
         while len(batch) < self._max_batch:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             try:
-                item = self._incoming.get(timeout=remaining)
+                item = self._arrived(self._incoming.get(timeout=remaining))
             except queue.Empty:
                 break
             (batch if self._key(item) == kind else self._held).append(item)
@@ -61,10 +95,15 @@ class Batcher(Generic[T]):
         waiting, self._held = self._held, []
         return waiting
 
+    def _arrived(self, stamped: tuple[float, T]) -> T:
+        at, item = stamped
+        self._arrivals.observe(at)
+        return item
+
     def _hold_waiting(self) -> None:
         while True:
             try:
-                self._held.append(self._incoming.get_nowait())
+                self._held.append(self._arrived(self._incoming.get_nowait()))
             except queue.Empty:
                 return
 

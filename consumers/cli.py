@@ -32,7 +32,12 @@ def worker(
     dtype: Annotated[str, typer.Option(help="auto, float16, bfloat16 or float32.")] = "auto",
     max_batch: Annotated[int, typer.Option(min=1, help="Most requests per forward pass.")] = 4,
     max_wait_ms: Annotated[
-        float, typer.Option(min=0, help="Longest wait for company before a batch runs.")
+        float,
+        typer.Option(
+            min=0,
+            help="Longest wait for company before a short batch runs; waited only when "
+            "requests lately came one per wait or faster.",
+        ),
     ] = 10.0,
     log_level: LogLevel = None,
     metrics_port: WorkerMetricsPort = None,
