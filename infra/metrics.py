@@ -24,8 +24,8 @@ from wsgiref.simple_server import WSGIServer
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from infra.errors import ConfigError
-from infra.kafka import make_consumer
+from infra.errors import BrokerUnavailable, ConfigError
+from infra.kafka import fetched_end_offsets, make_consumer
 from infra.settings import Settings
 
 if TYPE_CHECKING:
@@ -164,9 +164,10 @@ class LagMonitor:
         try:
             while True:
                 try:
-                    for (topic, partition), lag in group_lag(consumer, self.topics).items():
+                    lags = group_lag(self._settings, consumer, self.topics)
+                    for (topic, partition), lag in lags.items():
                         CONSUMER_LAG.labels(self.group, topic, str(partition)).set(lag)
-                except KafkaException as exc:
+                except (KafkaException, BrokerUnavailable) as exc:
                     log.warning("consumer lag of %s not refreshed: %s", self.group, exc)
                 if self._stopping.wait(self.interval_s):
                     return
@@ -175,23 +176,28 @@ class LagMonitor:
 
 
 def group_lag(
-    consumer: Consumer, topics: Sequence[str], timeout_s: float = 5.0
+    settings: Settings, consumer: Consumer, topics: Sequence[str], timeout_s: float = 5.0
 ) -> dict[tuple[str, int], int]:
     """Lag by (topic, partition) of the group that `consumer` names in its group.id.
 
     The consumer need not be a member: committed offsets are read from the coordinator.
+    Ends are the larger of the high watermark and the end a fetch reports, as in `imagegen
+    status`: some brokers place the watermark inside the last multi-record batch.
     """
-    lags: dict[tuple[str, int], int] = {}
+    wanted: list[TopicPartition] = []
     for topic in topics:
         metadata = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
         if metadata.error is not None:
             raise KafkaException(metadata.error)
-        wanted = [TopicPartition(topic, p) for p in sorted(metadata.partitions)]
-        for committed in consumer.committed(wanted, timeout=timeout_s):
-            low, high = consumer.get_watermark_offsets(committed, timeout=timeout_s)
-            # A negative offset means "none committed": the group would start at `low`.
-            start = committed.offset if committed.offset >= 0 else low
-            lags[(topic, committed.partition)] = max(0, high - start)
+        wanted.extend(TopicPartition(topic, p) for p in sorted(metadata.partitions))
+    ends = fetched_end_offsets(settings, [(tp.topic, tp.partition) for tp in wanted], timeout_s)
+    lags: dict[tuple[str, int], int] = {}
+    for committed in consumer.committed(wanted, timeout=timeout_s):
+        coordinates = (committed.topic, committed.partition)
+        low, high = consumer.get_watermark_offsets(committed, timeout=timeout_s)
+        # A negative offset means "none committed": the group would start at `low`.
+        start = committed.offset if committed.offset >= 0 else low
+        lags[coordinates] = max(0, max(high, ends[coordinates]) - start)
     return lags
 
 
