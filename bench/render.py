@@ -6,7 +6,9 @@ For each batch size of the sweep (run `rounds` times; each batch size reports th
 with its median ratio), back to back so that both see the same background load:
 - bare: `Renderer.render` on batches of requests, after a warm-up batch, then
   `encode_image` on every image; reported as render only and as render+encode, the
-  worker's real work and the ratio's denominator.
+  worker's real work and the ratio's denominator. It runs before the worker and again
+  after it, and the two are averaged: a shared CPU's speed drifts over minutes, and
+  bracketing the worker cancels a steady drift.
 - worker: `imagegen worker` on a fresh private embedded stack consumes a preloaded backlog
   of compatible requests (whole batches) from `imagegen.render`, renders, encodes, stores
   and publishes; the clock runs between the first and the last result's `completed_at`, so
@@ -30,7 +32,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 from statistics import fmean
 
@@ -79,8 +81,12 @@ CPU = Profile(
     device="cpu",
     dtype="float32",
     model="tiny",
-    width=64,
-    height=64,
+    # About 70 ms of CPU per image, a render of some substance beside the store's and the
+    # broker's per-image work on the same cores. At tiny's smallest size the model is so
+    # cheap that the comparison would weigh HTTP round trips to the object store, which on
+    # any real model are noise.
+    width=128,
+    height=128,
     steps=4,
     batch_sizes=(1, 2, 4, 8),
     requests=None,
@@ -319,20 +325,24 @@ def run(profile: Profile, scratch: Path) -> dict[str, object]:
 
 
 def measure(renderer: Renderer, profile: Profile, batch: int, scratch: Path) -> dict[str, object]:
-    # Bare loop and worker run back to back, so that both see the same background load.
-    bare_figures = bare(renderer, profile, batch)
+    # The worker runs between two bare loops, so that all three see the same background load.
+    before = bare(renderer, profile, batch)
     if profile.device == "cuda":
         torch.cuda.empty_cache()  # the bare loop's cached activations, for the worker
-    count = request_count(profile, batch, bare_figures)
+    count = request_count(profile, batch, before)
     measured = worker(profile, batch, count, scratch / f"worker-batch-{batch}.log")
-    return row(batch, bare_figures, measured)
+    return row(batch, (before, bare(renderer, profile, batch)), measured)
 
 
-def row(batch: int, bare_figures: Bare, measured: Worker) -> dict[str, object]:
-    ratio = measured.images_per_s / bare_figures.render_encode_images_per_s
+def row(batch: int, bare_runs: tuple[Bare, Bare], measured: Worker) -> dict[str, object]:
+    averaged = Bare(*(fmean(values) for values in zip(*map(astuple, bare_runs), strict=True)))
+    ratio = measured.images_per_s / averaged.render_encode_images_per_s
     return {
         "batch_size": batch,
-        "bare": _rounded(asdict(bare_figures)),
+        "bare": _rounded(asdict(averaged)),
+        "bare_before_after_images_per_s": [
+            round(run.render_encode_images_per_s, 2) for run in bare_runs
+        ],
         "worker": _rounded(asdict(measured)),
         "ratio": round(ratio, 3),
     }

@@ -25,10 +25,12 @@ how much of the broker's speed the processor keeps."""
 
 RENDER = """\
 For each batch size, back to back: a bare diffusers loop (render, then PNG-encode every
-image) and `imagegen worker` on a fresh private stack, consuming a preloaded backlog of
+image), `imagegen worker` on a fresh private stack, consuming a preloaded backlog of
 compatible requests from `imagegen.render`, rendering, encoding, storing in S3 and
-publishing results, timed between the first and the last result. The ratio is the worker's
-images per second over the bare loop's render+encode rate. The full run sweeps three
+publishing results, timed between the first and the last result, and the bare loop again.
+The ratio is the worker's images per second over the bare loop's render+encode rate,
+averaged over the runs before and after the worker (both listed), which cancels a steady
+drift in the CPU's speed. The full run sweeps three
 times and reports, per batch size, the round with the median ratio (all three ratios are
 listed): a shared CPU's speed drifts between runs. The efficiency checked against the
 target is the ratio at the batch size where the worker is fastest, the one an operator
@@ -156,6 +158,7 @@ def _render(figures: dict[str, Any]) -> list[str]:
                 row["batch_size"],
                 _value(bare["render_images_per_s"]),
                 _value(bare["render_encode_images_per_s"]),
+                " / ".join(_value(v) for v in row.get("bare_before_after_images_per_s", [])),
                 _value(worker["images_per_s"]),
                 _value(row["ratio"]),
                 ", ".join(_value(r) for r in row.get("round_ratios", [row["ratio"]])),
@@ -169,6 +172,7 @@ def _render(figures: dict[str, Any]) -> list[str]:
         "batch",
         "bare render img/s",
         "bare render+encode img/s",
+        "bare before / after",
         "worker img/s",
         "ratio",
         "every round's ratio",
