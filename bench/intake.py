@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from confluent_kafka.admin import NewTopic
 
 from bench.stack import child_env, private_stack
+from infra.children import imagegen_child
 from infra.kafka import make_admin, make_consumer, make_producer
 from infra.settings import Settings
 from infra.topics import RENDER, REQUESTS
@@ -95,19 +95,9 @@ def passthrough(settings: Settings, count: int) -> float:
 
 def processor(settings: Settings, count: int, log: Path) -> float:
     """Admitted requests per second of one `imagegen processor` on the same backlog."""
-    env = child_env(settings, **NO_LIMITS)
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "infra", "processor", "--log-level", "warning"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    args = ["processor", "--log-level", "warning"]
+    with imagegen_child(args, child_env(settings, **NO_LIMITS), log) as process:
         stamps = _admission_times(settings, count, process)
-    finally:
-        process.terminate()
-        process.wait(60)
     return (count - 1) / ((max(stamps) - min(stamps)) / 1000)
 
 

@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from bench.stack import child_env, private_stack
 from consumers.models import load_pipeline, resolve_device, resolve_dtype
 from consumers.rendering import Renderer, encode_image
+from infra.children import imagegen_child
 from infra.errors import ConfigError, ImagegenError
 from infra.kafka import make_consumer, make_producer
 from infra.settings import Settings
@@ -191,29 +191,12 @@ def preload(settings: Settings, requests: list[GenerationRequest]) -> None:
         raise RuntimeError("preloading the requests did not finish in 60 s")
 
 
-def start_worker(settings: Settings, profile: Profile, batch: int, log: Path) -> subprocess.Popen:
-    command = [
-        *(sys.executable, "-m", "infra", "worker", "--model", profile.model),
+def worker_args(profile: Profile, batch: int) -> list[str]:
+    return [
+        *("worker", "--model", profile.model),
         *("--device", profile.device, "--dtype", profile.dtype),
         *("--max-batch", str(batch), "--max-wait-ms", str(profile.max_wait_ms)),
     ]
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            command, env=child_env(settings), stdout=out, stderr=subprocess.STDOUT
-        )
-
-
-def stop_worker(process: subprocess.Popen, log: Path) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        code = process.wait(60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(30)
-        raise RuntimeError(f"the worker did not stop within 60 s of SIGTERM; log: {log}") from None
-    if code != 0:
-        raise RuntimeError(f"the worker exited with {code} after SIGTERM; log: {log}")
 
 
 def collect(
@@ -254,12 +237,13 @@ def worker(profile: Profile, batch: int, count: int, log: Path) -> Worker:
     requests = make_requests(profile, count)
     with private_stack() as settings:
         preload(settings, requests)
-        process = start_worker(settings, profile, batch, log)
-        try:
+        args = worker_args(profile, batch)
+        with imagegen_child(args, child_env(settings), log) as process:
             expected = {r.request_id for r in requests}
             results = collect(settings, expected, process, log, profile.worker_s)
-        finally:
-            stop_worker(process, log)
+    if process.returncode != 0:
+        # -9: it did not stop within STOP_TIMEOUT_S of SIGTERM and was killed.
+        raise RuntimeError(f"the worker exited with {process.returncode} after SIGTERM; log: {log}")
     return summarise(results, count, batch, log)
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from consumers.results import ResultSubscriber
+from infra.children import imagegen_child
 from infra.embedded import EMBEDDED_FETCH_WAIT_MS, EmbeddedStack
 from infra.errors import ImagegenError
 from infra.kafka import check_broker
@@ -98,26 +97,15 @@ def _stack(settings: Settings, console: Console) -> Iterator[None]:
 
 @contextmanager
 def _child(args: list[str], log: Path, console: Console) -> Iterator[None]:
-    log.parent.mkdir(parents=True, exist_ok=True)
     env = {
         "IMAGEGEN_KAFKA_SESSION_TIMEOUT_MS": DEMO_SESSION_TIMEOUT_MS,
         "IMAGEGEN_KAFKA_FETCH_WAIT_MS": str(EMBEDDED_FETCH_WAIT_MS),
         **os.environ,
     }
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "infra", *args], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    console.print(f"started `imagegen {' '.join(args)}` (log: {log})")
-    try:
+    with imagegen_child(args, env, log):
+        console.print(f"started `imagegen {' '.join(args)}` (log: {log})")
         yield
-    finally:
-        process.terminate()
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        console.print(f"stopped `imagegen {args[0]}`")
+    console.print(f"stopped `imagegen {args[0]}`")
 
 
 def _warm_up(
