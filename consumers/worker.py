@@ -277,6 +277,25 @@ class RenderWorker:
         """Stop fetching, finish what is rendering, release what is queued, commit."""
         log.info("stopping: finishing in-flight work")
         self._consumer.pause(self._consumer.assignment())
+        released: list[Job] = []
+        draining = threading.Thread(
+            target=lambda: released.extend(self._drain(threads)), name="drain", daemon=True
+        )
+        draining.start()
+        # The consumer keeps polling while in-flight work finishes: a render longer than
+        # max.poll.interval.ms would otherwise make it leave the group, and the final
+        # commit would fail. Its partitions are paused, so a record that still arrives
+        # (one fetched before the pause, or from a partition assigned meanwhile) is left
+        # uncommitted for the partition's next owner.
+        while draining.is_alive():
+            self._consumer.poll(0.1)
+        self._store_finished()
+        _commit(self._consumer)
+        self._consumer.close()
+        log.info("stopped; %d queued request(s) released to the next owner", len(released))
+
+    def _drain(self, threads: list[threading.Thread]) -> list[Job]:
+        """Finish what is rendering and being stored; return the queued jobs, released."""
         self._checks.shutdown(wait=True)
         self._stop_rendering.set()
         threads[0].join()
@@ -285,10 +304,7 @@ class RenderWorker:
         self._producer.flush(30)
         self._closed.set()
         threads[1].join()
-        self._store_finished()
-        _commit(self._consumer)
-        self._consumer.close()
-        log.info("stopped; %d queued request(s) released to the next owner", len(released))
+        return released
 
     # ---- checks, rendering, finishing (pool and render threads) --------------------------
 
@@ -364,7 +380,12 @@ class RenderWorker:
     def _render_batch(self, batch: list[Job]) -> list[Job]:
         """Render `batch` and hand its images to the finishers; return the jobs to render
         again one at a time, after a permanent failure of the batch as a whole."""
-        renderer = self._renderers[batch[0].request.model]
+        first = batch[0].request
+        renderer = self._renderers[first.model]
+        log.debug(
+            "rendering %d request(s) with %s: %dx%d, %d steps",
+            *(len(batch), first.model, first.width, first.height, first.steps),
+        )
         started = time.perf_counter()
         started_ms = _now_ms()
         try:

@@ -214,6 +214,27 @@ def test_sigterm_finishes_in_flight_work_and_commits_it(worker_factory, isolated
     assert all(found[request_id][0].status is Status.SUCCEEDED for request_id in done)
 
 
+def test_sigterm_during_a_render_longer_than_the_poll_interval_still_commits(
+    worker_factory, isolated_stack
+) -> None:
+    # The tests' 2 s session timeout is also the worker's max.poll.interval.ms; this render
+    # takes several seconds, and the worker must stay in its group until it can commit.
+    slow = GenerationRequest.new(
+        user_id="user-slow", prompt="a slow lighthouse", width=256, height=256, steps=100
+    )
+    submit(isolated_stack, [slow])
+    worker = worker_factory("--log-level", "debug")
+    wait_for_line(worker.log, "rendering 1 request(s)")
+    assert worker.stop() == 0
+
+    found = results_for(isolated_stack, {slow.request_id}, timeout_s=30)
+    assert found[slow.request_id][0].status is Status.SUCCEEDED
+    consumer = make_consumer(isolated_stack, group_id=GROUP_ID)
+    committed = consumer.committed([TopicPartition(RENDER, p) for p in range(6)], timeout=10)
+    consumer.close()
+    assert sum(max(tp.offset, 0) for tp in committed) == 1, worker.log.read_text()[-3000:]
+
+
 def wait_for_results(stack: Settings, count: int) -> None:
     read_topic(stack, RESULTS, lambda ms: len(ms) >= count, timeout_s=120)
 
