@@ -135,16 +135,23 @@ class IntakeProcessor:
                     RECORDS_PRODUCED.labels(topic).inc()
 
     def _forget_expired(self) -> None:
-        """Delete the dedupe entries past the window, so that memory holds one window of
-        requests, not every request ever. Only the partitions this processor owns now: an
-        entry it still holds for a partition that moved may have been renewed by the new
-        owner. Runs before a batch is decided, so the batch's own writes win."""
+        """Delete the dedupe entries past the window and the token buckets refilled to their
+        burst, so that memory holds one window of requests and the users active lately,
+        not every request and user ever (user ids are the publishers' to invent). Only the
+        partitions this processor owns now: an entry it still holds for a partition that
+        moved may have been renewed by the new owner. Runs before a batch is decided, so
+        the batch's own writes win."""
         assigned = self.app.assignor.assigned_actives()
         owned = {tp.partition for tp in assigned if tp.topic == REQUESTS}
-        dedupe_memory = self.state[0]
-        for key, partition in self.intake.expired_dedupe(dedupe_memory.stored()):
-            if partition in owned:
-                dedupe_memory.delete(key, partition)
+        dedupe_memory, buckets = self.state
+        forgettable = (
+            (dedupe_memory, self.intake.expired_dedupe(dedupe_memory.stored())),
+            (buckets, self.intake.full_buckets(buckets.stored())),
+        )
+        for store, entries in forgettable:
+            for key, partition in entries:
+                if partition in owned:
+                    store.delete(key, partition)
         self._next_sweep = time.monotonic() + self._sweep_interval_s
 
     async def _start(self, event: EventT) -> list[Sent]:

@@ -142,6 +142,10 @@ class Intake:
         """The dedupe entries past the window, as (key, partition)."""
         return self._deduper.expired(entries, self._clock())
 
+    def full_buckets(self, entries: Iterable[tuple[str, list]]) -> list[tuple[str, int]]:
+        """The token buckets refilled to their burst, as (key, partition)."""
+        return self._limiter.full(entries, self._clock())
+
 
 def _result(request: GenerationRequest, status: Status, **fields: object) -> GenerationResult:
     return GenerationResult(

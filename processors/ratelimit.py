@@ -11,6 +11,7 @@ others idle, and bursts round up to 1 token (see README, "Rate limits").
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from infra.settings import Settings
@@ -40,8 +41,9 @@ class Bucket:
 class RateLimiter:
     """Takes tokens from a user's bucket and the partition's share of the global one.
 
-    `buckets` maps "user:<id>" and "global:<partition>" to [tokens, updated_at]; a faust
-    table in the processor, so the buckets survive restarts.
+    `buckets` maps "user:<id>" and "global:<partition>" to [tokens, updated_at, partition];
+    a faust table in the processor, so the buckets survive restarts. A bucket that has
+    refilled to its burst is the same as none, so it can be forgotten (`full`).
     """
 
     def __init__(self, settings: Settings, buckets: Store, partitions: int) -> None:
@@ -71,10 +73,23 @@ class RateLimiter:
         ]
         if all(bucket.tokens >= 1.0 for _, _, bucket in refilled):
             for key, _, bucket in refilled:
-                self._buckets[key] = [bucket.tokens - 1.0, bucket.updated_at]
+                self._buckets[key] = [bucket.tokens - 1.0, bucket.updated_at, partition]
             return None
         return max(bucket.wait_ms(limit) for _, limit, bucket in refilled)
 
+    def full(self, entries: Iterable[tuple[str, list]], now: float) -> list[tuple[str, int]]:
+        """The keys among `entries` (key, stored bucket) whose buckets have refilled to their
+        burst by `now`, with each one's partition: forgetting them changes no decision."""
+        forgettable = []
+        for key, stored in entries:
+            if len(stored) < 3:
+                continue  # written before buckets recorded their partition
+            kind, _, name = key.partition(":")
+            limit = self.limit_for(name) if kind == "user" else self._global_share
+            if Bucket(*stored[:2]).refilled(limit, now).tokens >= limit.burst:
+                forgettable.append((key, stored[2]))
+        return forgettable
+
     def _load(self, key: str, limit: Limit, now: float) -> Bucket:
         stored = self._buckets.get(key)
-        return Bucket(*stored) if stored is not None else Bucket(limit.burst, now)
+        return Bucket(*stored[:2]) if stored is not None else Bucket(limit.burst, now)

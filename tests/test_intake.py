@@ -183,6 +183,22 @@ def test_a_replay_of_an_admitted_request_is_admitted_again() -> None:
     assert isinstance(intake.decide(original, 0, 9, replayed=True), Admit)
 
 
+def test_only_buckets_refilled_to_their_burst_can_be_forgotten() -> None:
+    clock = Clock()
+    buckets: dict[str, list] = {}
+    settings = load_settings(
+        rate_user_per_s=1.0, rate_user_burst=2.0, rate_global_per_s=100.0, rate_global_burst=100.0
+    )
+    intake = Intake(settings, {}, buckets, partitions=1, clock=clock)
+    intake.decide(encode(request(user_id="a")), partition=0, offset=0)
+    buckets["user:legacy"] = [0.0, 0.0]  # written before buckets recorded their partition
+    assert intake.full_buckets(buckets.items()) == []
+    clock.now += 0.999  # user a: 1.999 of 2 tokens; the global share: full again
+    assert intake.full_buckets(buckets.items()) == [("global:0", 0)]
+    clock.now += 0.5
+    assert sorted(intake.full_buckets(buckets.items())) == [("global:0", 0), ("user:a", 0)]
+
+
 def test_only_entries_past_the_window_expire() -> None:
     deduper = Deduper({}, window_s=10)
     entries = [("old", ["r1", 100.0, 2, 7]), ("fresh", ["r2", 105.0, 4, 9])]

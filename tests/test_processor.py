@@ -71,6 +71,7 @@ def rendered_ids(stack: Settings, expected: set[str], timeout_s: float = 60) -> 
 
 
 DEDUPE_CHANGELOG = "imagegen-processor-dedupe-changelog"
+BUCKETS_CHANGELOG = "imagegen-processor-buckets-changelog"
 DEDUPE_AND_LIMITS = {
     "dedupe_window_s": "3",
     "rate_user_per_s": "0.5",
@@ -134,6 +135,28 @@ def test_expired_dedupe_entries_are_deleted_from_the_changelog(
         return expired_key in values and values[expired_key] is None and bool(values.get(live_key))
 
     read_topic(isolated_stack, DEDUPE_CHANGELOG, swept, timeout_s=30)
+
+
+def test_token_buckets_refilled_to_their_burst_are_deleted_from_the_changelog(
+    processor_factory, isolated_stack
+) -> None:
+    processor_factory(**DEDUPE_AND_LIMITS)
+    first = GenerationRequest.new(user_id="dot", prompt="a")
+    with RequestPublisher(isolated_stack) as publisher:
+        publisher.publish(first)
+        rendered_ids(isolated_stack, {first.request_id})
+        time.sleep(2.1)  # the behaviour under test is the refill: one token at 0.5/s
+        # The next batch after the refill sweeps the buckets.
+        later = GenerationRequest.new(user_id="eve", prompt="b")
+        publisher.publish(later)
+    rendered_ids(isolated_stack, {later.request_id})
+    refilled, active = (json.dumps(f"user:{r.user_id}").encode() for r in (first, later))
+
+    def swept(messages: list) -> bool:
+        values = {m.key(): m.value() for m in messages}
+        return refilled in values and values[refilled] is None and bool(values.get(active))
+
+    read_topic(isolated_stack, BUCKETS_CHANGELOG, swept, timeout_s=30)
 
 
 def test_user_limits_overrides_and_retry_after(processor_factory, isolated_stack) -> None:
