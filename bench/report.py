@@ -30,11 +30,10 @@ compatible requests from `imagegen.render`, rendering, encoding, storing in S3 a
 publishing results, timed between the first and the last result, and the bare loop again.
 The ratio is the worker's images per second over the bare loop's render+encode rate,
 averaged over the runs before and after the worker (both listed), which cancels a steady
-drift in the CPU's speed. The full run sweeps three
-times and reports, per batch size, the round with the median ratio (all three ratios are
-listed): a shared CPU's speed drifts between runs. The efficiency checked against the
-target is the ratio at the batch size where the worker is fastest, the one an operator
-would deploy."""
+drift in the CPU's speed. The full run sweeps three times and reports, per batch size, the
+round with the median ratio (all three ratios are listed): a shared CPU's speed also drifts
+between runs. The efficiency checked against the target is the ratio at the batch size
+where the worker is fastest, the one an operator would deploy."""
 
 E2E = """\
 One `imagegen processor` and one `imagegen worker` run as child processes on a private
