@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint format schemas bench clean
+.PHONY: demo test lint format schemas bench gpu-wheels clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,17 @@ format: $(BIN)/.installed
 # BENCH_QUICK=1 for a run of a few minutes; ARGS=--gpu (or BENCH_GPU=1) renders on CUDA.
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench $(ARGS)
+
+# For a GPU machine that cannot reach a package index: what it lacks for the GPU benchmark
+# (bench/gpu-wheels.txt), as wheels for its Python (GPU_PYTHON), into .whl/. README,
+# "Benchmarks on a GPU machine", says how to install and run them there.
+GPU_PYTHON ?= 3.12
+GPU_PLATFORMS := manylinux_2_34 manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --dest .whl \
+		--python-version $(GPU_PYTHON) --implementation cp \
+		$(foreach platform,$(GPU_PLATFORMS),--platform $(platform)_x86_64) \
+		--requirement bench/gpu-wheels.txt
 
 schemas: $(BIN)/.installed
 	$(BIN)/python -m schemas.export
