@@ -3,7 +3,7 @@
 Both use the same model, batch, size and steps.
 
 For each batch size of the sweep (run `rounds` times; each batch size reports the round
-with its median ratio), back to back so that both see the same background load:
+with its median ratio), one after another so that all see the same background load:
 - bare: `Renderer.render` on batches of requests, after a warm-up batch, then
   `encode_image` on every image; reported as render only and as render+encode, the
   worker's real work and the ratio's denominator. It runs before the worker and again
@@ -38,6 +38,7 @@ from statistics import fmean
 import torch
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
+from bench.arguments import positive
 from bench.stack import child_env, private_stack
 from consumers.models import load_pipeline, resolve_device, resolve_dtype
 from consumers.rendering import Renderer, encode_image
@@ -119,6 +120,11 @@ class Bare:
     render_encode_images_per_s: float
     render_ms_per_batch: float
     encode_ms_per_image: float
+
+    @classmethod
+    def mean(cls, runs: tuple[Bare, ...]) -> Bare:
+        """Each figure averaged over `runs`."""
+        return cls(*(fmean(figures) for figures in zip(*map(astuple, runs), strict=True)))
 
 
 @dataclass(frozen=True)
@@ -319,7 +325,7 @@ def measure(renderer: Renderer, profile: Profile, batch: int, scratch: Path) -> 
 
 
 def row(batch: int, bare_runs: tuple[Bare, Bare], measured: Worker) -> dict[str, object]:
-    averaged = Bare(*(fmean(values) for values in zip(*map(astuple, bare_runs), strict=True)))
+    averaged = Bare.mean(bare_runs)
     ratio = measured.images_per_s / averaged.render_encode_images_per_s
     return {
         "batch_size": batch,
@@ -364,12 +370,6 @@ def profile_from(args: argparse.Namespace) -> Profile:
         "batch_sizes": args.batch_sizes,
     }
     return replace(profile, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def positive(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a positive whole number")
-    return int(value)
 
 
 def batch_sizes(value: str) -> tuple[int, ...]:

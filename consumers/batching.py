@@ -12,10 +12,9 @@ T = TypeVar("T")
 
 
 class ArrivalRate:
-    """Arrivals per second lately: a count that decays with a time constant of `horizon_s`.
-
-    Arrivals in a burst count as fully as evenly spread ones, so items that a fetch hands
-    over all at once do not look like a flood.
+    """Arrivals per second lately: a count that decays with a time constant of `horizon_s`,
+    divided by it. A burst of N arrivals counts as N arrivals over the horizon, so items
+    that one fetch hands over together read as their real rate, not as an infinite one.
     """
 
     def __init__(self, horizon_s: float = 1.0) -> None:
@@ -40,12 +39,14 @@ class Batcher(Generic[T]):
 
     A batch starts with the oldest waiting item and takes every compatible item already
     waiting. While it is short of `max_batch` it waits up to `max_wait_s` for more, but only
-    when items have lately arrived at one per `max_wait_s` or faster: under sparse traffic
-    the wait would add its whole length to every request's latency and find no company,
-    while under dense traffic company comes within it. A busy model needs no wait either:
-    the items that arrive while it renders are waiting for the next batch already.
-    Incompatible items keep their place for the next batch. Thread-safe for one consumer
-    and any number of producers.
+    when items have lately (over about a second) arrived at one per `max_wait_s` or faster:
+    under sparse traffic the wait would add its whole length to every request's latency
+    and find no company. A busy model needs no wait either: the items that arrive while it
+    renders are waiting for the next batch already. Arrivals of every kind count, so under
+    mixed traffic a wait may still find no company of the batch's kind; and since an item
+    counts itself, a wait of a second or more is always taken. Incompatible items keep
+    their place for the next batch. Thread-safe for one consumer and any number of
+    producers.
     """
 
     def __init__(self, key: Callable[[T], Hashable], max_batch: int, max_wait_s: float) -> None:

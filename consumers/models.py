@@ -15,7 +15,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
+import transformers
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -124,6 +126,7 @@ _MAX_TOKENS = 77
 
 # The tiny model is seeded through torch's process-wide generator: one build at a time.
 _SEEDED_BUILD = threading.Lock()
+_TINY_SEED = 0
 
 
 class UnknownModel(ImagegenError):
@@ -266,10 +269,17 @@ def _from_pretrained(source: str | Path, dtype: torch.dtype) -> DiffusionPipelin
 def tiny_dir(cache_dir: Path) -> Path:
     """Where `tiny` is cached under `cache_dir`.
 
-    The name carries a digest of tiny's definition, so a changed definition is built anew
-    instead of loading an older tiny from the cache.
+    The name carries a digest of tiny's definition and of the libraries that build it (their
+    initialisation decides the weights), so a change to either is built anew instead of
+    loading an older tiny from the cache.
     """
-    definition = json.dumps([_TINY_UNET, _TINY_VAE, _TINY_TEXT, _SCHEDULER, _MERGES])
+    definition = json.dumps(
+        [
+            *(_TINY_UNET, _TINY_VAE, _TINY_TEXT, _SCHEDULER, _TINY_SEED),
+            *(_MERGES, _SPECIAL_TOKENS, _MAX_TOKENS),
+            *(torch.__version__, diffusers.__version__, transformers.__version__),
+        ]
+    )
     return cache_dir / f"tiny-{hashlib.sha256(definition.encode()).hexdigest()[:12]}"
 
 
@@ -301,7 +311,7 @@ def _tiny(tokenizer_dir: Path) -> StableDiffusionPipeline:
     tokenizer = _tokenizer(tokenizer_dir)
     # Seeded, so that every worker that builds it gets the same weights, hence the same images.
     with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.manual_seed(_TINY_SEED)
         unet = UNet2DConditionModel(**_TINY_UNET)
         vae = AutoencoderKL(**_TINY_VAE)
         text_encoder = CLIPTextModel(_text_config(tokenizer, _TINY_TEXT))

@@ -11,6 +11,8 @@ Threads, and what each one owns:
   so the device waits only for batching.
 - a finish pool encodes, stores and publishes every rendered image.
 - a delivery thread serves the producer's delivery reports.
+- on SIGTERM, a drain thread waits for that work to finish while the poll loop keeps
+  polling, so that the consumer stays in its group until the final commit.
 
 Observability: each request gets a span (`infra.tracing`) from the moment it is accepted
 until its result is published, as the child of the trace context in its headers; the
@@ -258,6 +260,10 @@ class RenderWorker:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("assigned %s", sorted(p.partition for p in partitions))
         self._paused = False
+        if self._stopping.is_set():
+            # Assigned while draining: nothing more is fetched, the next owner reads them.
+            consumer.assign(partitions)
+            consumer.pause(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Commit what is finished; work still in flight for these partitions is left to
@@ -277,21 +283,24 @@ class RenderWorker:
         """Stop fetching, finish what is rendering, release what is queued, commit."""
         log.info("stopping: finishing in-flight work")
         self._consumer.pause(self._consumer.assignment())
-        released: list[Job] = []
-        draining = threading.Thread(
-            target=lambda: released.extend(self._drain(threads)), name="drain", daemon=True
-        )
-        draining.start()
-        # The consumer keeps polling while in-flight work finishes: a render longer than
-        # max.poll.interval.ms would otherwise make it leave the group, and the final
-        # commit would fail. Its partitions are paused, so a record that still arrives
-        # (one fetched before the pause, or from a partition assigned meanwhile) is left
-        # uncommitted for the partition's next owner.
-        while draining.is_alive():
-            self._consumer.poll(0.1)
-        self._store_finished()
-        _commit(self._consumer)
-        self._consumer.close()
+        with ThreadPoolExecutor(1, "drain") as drain:
+            drained = drain.submit(self._drain, threads)
+            # The consumer keeps polling while in-flight work finishes: a render longer
+            # than max.poll.interval.ms would otherwise make it leave the group, and the
+            # final commit would fail. Its partitions are paused (`_on_assign` pauses any
+            # assigned meanwhile); a record that still arrives, fetched before the pause,
+            # is left uncommitted for the partition's next owner.
+            while not drained.done():
+                message = self._consumer.poll(0.1)
+                if message is not None and message.error() is not None:
+                    log.warning("consumer error while stopping: %s", message.error())
+        try:
+            released = drained.result()
+        finally:
+            # What finished is committable even if the drain failed part of the way.
+            self._store_finished()
+            _commit(self._consumer)
+            self._consumer.close()
         log.info("stopped; %d queued request(s) released to the next owner", len(released))
 
     def _drain(self, threads: list[threading.Thread]) -> list[Job]:
@@ -384,7 +393,11 @@ class RenderWorker:
         renderer = self._renderers[first.model]
         log.debug(
             "rendering %d request(s) with %s: %dx%d, %d steps",
-            *(len(batch), first.model, first.width, first.height, first.steps),
+            len(batch),
+            first.model,
+            first.width,
+            first.height,
+            first.steps,
         )
         started = time.perf_counter()
         started_ms = _now_ms()

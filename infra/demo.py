@@ -102,10 +102,12 @@ def _child(args: list[str], log: Path, console: Console) -> Iterator[None]:
         "IMAGEGEN_KAFKA_FETCH_WAIT_MS": str(EMBEDDED_FETCH_WAIT_MS),
         **os.environ,
     }
-    with imagegen_child(args, env, log):
-        console.print(f"started `imagegen {' '.join(args)}` (log: {log})")
-        yield
-    console.print(f"stopped `imagegen {args[0]}`")
+    try:
+        with imagegen_child(args, env, log):
+            console.print(f"started `imagegen {' '.join(args)}` (log: {log})")
+            yield
+    finally:
+        console.print(f"stopped `imagegen {args[0]}`")
 
 
 def _warm_up(

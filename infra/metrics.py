@@ -124,8 +124,9 @@ class LagMonitor:
     Lag is the partition's end offset minus the group's committed offset: what the group
     still has to read, as seen by the next owner after a crash. A partition the group has
     never committed counts from its beginning, as the group's `auto.offset.reset=earliest`
-    would read it. The monitor has its own consumer, which never joins the group, so the
-    group's members and their clients are untouched.
+    would read it. The monitor's consumers (one to read committed offsets, and a short-lived
+    one per refresh to read the ends, see `group_lag`) never join the group, so the group's
+    members and their clients are untouched.
     """
 
     def __init__(

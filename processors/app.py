@@ -54,7 +54,7 @@ ADMITTED_AT_HEADER = "imagegen.admitted_at_ms"
 # big enough to amortise a broker round trip, short enough to add no noticeable latency.
 BATCH_MAX = 500
 BATCH_WITHIN_S = 0.005
-# The longest between two sweeps for expired dedupe entries.
+# The longest between two sweeps for expired dedupe entries and full token buckets.
 SWEEP_INTERVAL_S = 60.0
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,8 @@ class IntakeProcessor:
         ]
         dedupe_memory, buckets = self.state
         self.intake = Intake(settings, dedupe_memory, buckets, partitions=self.partitions)
-        # Expired entries are forgotten at the first batch a tenth of the window (at most
-        # SWEEP_INTERVAL_S) after the last sweep.
+        # Expired dedupe entries and full buckets are forgotten at the first batch a tenth
+        # of the dedupe window (at most SWEEP_INTERVAL_S) after the last sweep.
         self._sweep_interval_s = min(SWEEP_INTERVAL_S, settings.dedupe_window_s / 10)
         self._next_sweep = time.monotonic() + self._sweep_interval_s
         self.app.agent(self.requests, name="intake")(self._consume)
@@ -110,7 +110,7 @@ class IntakeProcessor:
 
     async def _handle_batch(self, events: list[EventT]) -> None:
         if time.monotonic() >= self._next_sweep:
-            self._forget_expired()
+            self._sweep()
         sending = []
         for event in events:
             for store in self.state:
@@ -134,7 +134,7 @@ class IntakeProcessor:
                 if not isinstance(result, BaseException):
                     RECORDS_PRODUCED.labels(topic).inc()
 
-    def _forget_expired(self) -> None:
+    def _sweep(self) -> None:
         """Delete the dedupe entries past the window and the token buckets refilled to their
         burst, so that memory holds one window of requests and the users active lately,
         not every request and user ever (user ids are the publishers' to invent). Only the

@@ -56,11 +56,14 @@ def test_compatible_items_batch_and_incompatible_ones_keep_their_place() -> None
 
 
 def test_under_dense_traffic_a_short_batch_waits_for_company() -> None:
-    batcher = with_late_arrival("a4", max_batch=4, max_wait_s=60)
-    for item in ("a1", "a2", "a3"):
+    # 25 arrivals in the last second: more than one per 50 ms wait.
+    batcher = with_late_arrival("a-late", max_batch=26, max_wait_s=0.05)
+    early = [f"a{i}" for i in range(25)]
+    for item in early:
         batcher.put(item)
-    # Full once a4 arrives, so it returns at once; without the wait it would hold 3.
-    assert batcher.next_batch(1) == ["a1", "a2", "a3", "a4"]
+    # Full once the late item arrives, so it returns at once; without the wait it would
+    # hold the early ones only.
+    assert batcher.next_batch(1) == [*early, "a-late"]
 
 
 def test_under_sparse_traffic_a_short_batch_runs_at_once() -> None:
