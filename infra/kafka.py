@@ -121,13 +121,33 @@ def fetched_end_offsets(
     """
     if not partitions:
         return {}
-    consumer = make_consumer(
-        settings,
-        group_id="imagegen-end-offsets",  # never joined nor committed: partitions are assigned
-        **{"enable.partition.eof": True, "enable.auto.commit": False, "fetch.wait.max.ms": 10},
-    )
+    reader = EndOffsets(settings)
     try:
-        consumer.assign([TopicPartition(topic, p, OFFSET_END) for topic, p in partitions])
+        return reader.read(partitions, timeout_s)
+    finally:
+        reader.close()
+
+
+class EndOffsets:
+    """Reads end offsets as `fetched_end_offsets` does, through one consumer kept for
+    repeated reads: a monitor that asks every few seconds would otherwise open new broker
+    connections (and, on a secured cluster, new TLS and SASL handshakes) each time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._consumer = make_consumer(
+            settings,
+            group_id="imagegen-end-offsets",  # never joined nor committed: assigned partitions
+            **{"enable.partition.eof": True, "enable.auto.commit": False, "fetch.wait.max.ms": 10},
+        )
+
+    def read(
+        self, partitions: list[tuple[str, int]], timeout_s: float = 30.0
+    ) -> dict[tuple[str, int], int]:
+        if not partitions:
+            return {}
+        # Assigning anew discards what the last read left queued and starts from the end.
+        self._consumer.assign([TopicPartition(topic, p, OFFSET_END) for topic, p in partitions])
         ends: dict[tuple[str, int], int] = {}
         deadline = time.monotonic() + timeout_s
         while len(ends) < len(partitions):
@@ -136,9 +156,9 @@ def fetched_end_offsets(
                 missing = sorted(set(partitions) - set(ends))
                 raise BrokerUnavailable(
                     f"no end offset for {missing} within {timeout_s:g}s; is the broker at "
-                    f"{settings.kafka_bootstrap} healthy?"
+                    f"{self._settings.kafka_bootstrap} healthy?"
                 )
-            message = consumer.poll(min(remaining, 1.0))
+            message = self._consumer.poll(min(remaining, 1.0))
             if message is None:
                 continue
             error = message.error()
@@ -147,8 +167,9 @@ def fetched_end_offsets(
             elif error is not None and error.fatal():
                 raise KafkaException(error)
         return ends
-    finally:
-        consumer.close()
+
+    def close(self) -> None:
+        self._consumer.close()
 
 
 def consume_available(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Message]:

@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from infra.errors import BrokerUnavailable, ConfigError
-from infra.kafka import fetched_end_offsets, make_consumer
+from infra.kafka import EndOffsets, make_consumer
 from infra.settings import Settings
 
 if TYPE_CHECKING:
@@ -124,9 +124,9 @@ class LagMonitor:
     Lag is the partition's end offset minus the group's committed offset: what the group
     still has to read, as seen by the next owner after a crash. A partition the group has
     never committed counts from its beginning, as the group's `auto.offset.reset=earliest`
-    would read it. The monitor's consumers (one to read committed offsets, and a short-lived
-    one per refresh to read the ends, see `group_lag`) never join the group, so the group's
-    members and their clients are untouched.
+    would read it. The monitor's two consumers (committed offsets, and the partitions' ends
+    through `EndOffsets`) never join the group, so the group's members and their clients
+    are untouched.
     """
 
     def __init__(
@@ -162,10 +162,11 @@ class LagMonitor:
     def _run(self) -> None:
         # Created here: the consumer lives and dies on this thread alone.
         consumer = make_consumer(self._settings, self.group, **{"enable.auto.commit": False})
+        ends = EndOffsets(self._settings)
         try:
             while True:
                 try:
-                    lags = group_lag(self._settings, consumer, self.topics)
+                    lags = group_lag(consumer, ends, self.topics)
                     for (topic, partition), lag in lags.items():
                         CONSUMER_LAG.labels(self.group, topic, str(partition)).set(lag)
                 except (KafkaException, BrokerUnavailable) as exc:
@@ -173,11 +174,12 @@ class LagMonitor:
                 if self._stopping.wait(self.interval_s):
                     return
         finally:
+            ends.close()
             consumer.close()
 
 
 def group_lag(
-    settings: Settings, consumer: Consumer, topics: Sequence[str], timeout_s: float = 5.0
+    consumer: Consumer, ends: EndOffsets, topics: Sequence[str], timeout_s: float = 5.0
 ) -> dict[tuple[str, int], int]:
     """Lag by (topic, partition) of the group that `consumer` names in its group.id.
 
@@ -191,14 +193,14 @@ def group_lag(
         if metadata.error is not None:
             raise KafkaException(metadata.error)
         wanted.extend(TopicPartition(topic, p) for p in sorted(metadata.partitions))
-    ends = fetched_end_offsets(settings, [(tp.topic, tp.partition) for tp in wanted], timeout_s)
+    fetched = ends.read([(tp.topic, tp.partition) for tp in wanted], timeout_s)
     lags: dict[tuple[str, int], int] = {}
     for committed in consumer.committed(wanted, timeout=timeout_s):
         coordinates = (committed.topic, committed.partition)
         low, high = consumer.get_watermark_offsets(committed, timeout=timeout_s)
         # A negative offset means "none committed": the group would start at `low`.
         start = committed.offset if committed.offset >= 0 else low
-        lags[coordinates] = max(0, max(high, ends[coordinates]) - start)
+        lags[coordinates] = max(0, max(high, fetched[coordinates]) - start)
     return lags
 
 

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from consumers.worker import GROUP_ID
 from infra import tracing
 from infra.errors import ConfigError, InvalidMessage
-from infra.kafka import make_admin, make_consumer, make_producer
+from infra.kafka import EndOffsets, make_admin, make_consumer, make_producer
 from infra.logs import configure_logging, log_context, logging_config
 from infra.metrics import group_lag, observe_gpu_memory, serve
 from infra.settings import Settings, load_settings
@@ -174,12 +174,19 @@ def test_lag_counts_from_the_committed_offsets(settings: Settings) -> None:
     assert producer.flush(30) == 0
 
     consumer = make_consumer(settings, group, **{"enable.auto.commit": False})
+    ends = EndOffsets(settings)
     try:
-        assert group_lag(settings, consumer, [topic]) == {(topic, 0): 5, (topic, 1): 3}
+        assert group_lag(consumer, ends, [topic]) == {(topic, 0): 5, (topic, 1): 3}
         consumer.commit(offsets=[TopicPartition(topic, 0, 2)], asynchronous=False)
         # Partition 1 has no committed offset: the group would read it from the beginning.
-        assert group_lag(settings, consumer, [topic]) == {(topic, 0): 3, (topic, 1): 3}
+        assert group_lag(consumer, ends, [topic]) == {(topic, 0): 3, (topic, 1): 3}
+        # The same reader sees records that arrive between two reads.
+        for i in range(4):
+            producer.produce(topic, value=b"more %d" % i, partition=1)
+        assert producer.flush(30) == 0
+        assert group_lag(consumer, ends, [topic]) == {(topic, 0): 3, (topic, 1): 7}
     finally:
+        ends.close()
         consumer.close()
 
 
