@@ -28,13 +28,10 @@ Run: `python -m bench.e2e [--quick] [--rate R] [--duration S]`. Prints one JSON 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -46,7 +43,7 @@ from pathlib import Path
 from statistics import fmean, quantiles
 from typing import Any
 
-from bench.arguments import positive
+from bench.command import positive, run_alone
 from bench.intake import NO_LIMITS
 from bench.stack import child_env, private_stack
 from consumers.results import ResultSubscriber, ResultTimeout
@@ -438,17 +435,7 @@ def exit_on_sigterm() -> None:
 def main() -> None:
     args = parse_args()
     exit_on_sigterm()
-    scratch = Path(tempfile.mkdtemp(prefix="imagegen-bench-e2e-"))
-    try:
-        report = run(options_from(args), scratch)
-    except (RuntimeError, ImagegenError) as error:
-        # The children's logs stay behind for whoever investigates.
-        sys.exit(f"e2e benchmark failed: {error}\nlogs: {scratch}")
-    shutil.rmtree(scratch, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n", encoding="utf-8")
+    run_alone("e2e", lambda scratch: run(options_from(args), scratch), args.out)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,9 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -38,12 +35,12 @@ from statistics import fmean
 import torch
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-from bench.arguments import positive
+from bench.command import positive, run_alone
 from bench.stack import child_env, private_stack
 from consumers.models import load_pipeline, resolve_device, resolve_dtype
 from consumers.rendering import Renderer, encode_image
 from infra.children import imagegen_child
-from infra.errors import ConfigError, ImagegenError
+from infra.errors import ConfigError
 from infra.kafka import make_consumer, make_producer
 from infra.settings import Settings
 from infra.topics import RENDER, RESULTS
@@ -406,17 +403,7 @@ def main() -> None:
         except ConfigError as error:
             sys.exit(f"the --gpu benchmark needs a CUDA GPU: {error}")
     quiet_libraries()
-    scratch = Path(tempfile.mkdtemp(prefix="imagegen-bench-render-"))
-    try:
-        report = run(profile, scratch)
-    except (RuntimeError, ImagegenError) as error:
-        # The worker logs stay behind for whoever investigates.
-        sys.exit(f"render benchmark failed: {error}\nworker logs: {scratch}")
-    shutil.rmtree(scratch, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n", encoding="utf-8")
+    run_alone("render", lambda scratch: run(profile, scratch), args.out)
 
 
 def quiet_libraries() -> None:
