@@ -148,12 +148,22 @@ class EndOffsets:
             return {}
         # Assigning anew discards what the last read left queued and starts from the end.
         self._consumer.assign([TopicPartition(topic, p, OFFSET_END) for topic, p in partitions])
+        try:
+            return self._read_ends(set(partitions), timeout_s)
+        finally:
+            # Between reads nothing stays assigned: the consumer would otherwise keep
+            # fetching in the background, a request every fetch wait.
+            self._consumer.unassign()
+
+    def _read_ends(
+        self, partitions: set[tuple[str, int]], timeout_s: float
+    ) -> dict[tuple[str, int], int]:
         ends: dict[tuple[str, int], int] = {}
         deadline = time.monotonic() + timeout_s
         while len(ends) < len(partitions):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                missing = sorted(set(partitions) - set(ends))
+                missing = sorted(partitions - set(ends))
                 raise BrokerUnavailable(
                     f"no end offset for {missing} within {timeout_s:g}s; is the broker at "
                     f"{self._settings.kafka_bootstrap} healthy?"
