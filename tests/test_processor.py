@@ -70,6 +70,19 @@ def rendered_ids(stack: Settings, expected: set[str], timeout_s: float = 60) -> 
     return ids
 
 
+def admitted_apart(
+    stack: Settings, first: GenerationRequest, later: GenerationRequest, apart_s: float
+) -> None:
+    """Publish `first` and see it admitted, let `apart_s` pass (the passing of time is what
+    the callers test), then publish `later` and see it admitted."""
+    with RequestPublisher(stack) as publisher:
+        publisher.publish(first)
+        rendered_ids(stack, {first.request_id})
+        time.sleep(apart_s)
+        publisher.publish(later)
+    rendered_ids(stack, {later.request_id})
+
+
 DEDUPE_CHANGELOG = "imagegen-processor-dedupe-changelog"
 BUCKETS_CHANGELOG = "imagegen-processor-buckets-changelog"
 DEDUPE_AND_LIMITS = {
@@ -105,13 +118,9 @@ def test_dedupe_by_request_id_and_by_idempotency_key(processor_factory, isolated
 def test_the_dedupe_window_expires(processor_factory, isolated_stack) -> None:
     processor_factory(**DEDUPE_AND_LIMITS)
     first = GenerationRequest.new(user_id="bea", prompt="a", idempotency_key="k")
-    with RequestPublisher(isolated_stack) as publisher:
-        publisher.publish(first)
-        rendered_ids(isolated_stack, {first.request_id})
-        time.sleep(3.1)  # the behaviour under test is the passing of the 3 s window
-        later = GenerationRequest.new(user_id="bea", prompt="b", idempotency_key="k")
-        publisher.publish(later)
-    assert later.request_id in rendered_ids(isolated_stack, {later.request_id})
+    later = GenerationRequest.new(user_id="bea", prompt="b", idempotency_key="k")
+    # Past the 3 s window the same key is admitted again.
+    admitted_apart(isolated_stack, first, later, apart_s=3.1)
 
 
 def test_expired_dedupe_entries_are_deleted_from_the_changelog(
@@ -119,14 +128,9 @@ def test_expired_dedupe_entries_are_deleted_from_the_changelog(
 ) -> None:
     processor_factory(**DEDUPE_AND_LIMITS)
     first = GenerationRequest.new(user_id="cid", prompt="a", idempotency_key="old")
-    with RequestPublisher(isolated_stack) as publisher:
-        publisher.publish(first)
-        rendered_ids(isolated_stack, {first.request_id})
-        time.sleep(3.1)  # the behaviour under test is the passing of the 3 s window
-        # The next batch after the window sweeps the memory.
-        later = GenerationRequest.new(user_id="cid", prompt="b", idempotency_key="new")
-        publisher.publish(later)
-    rendered_ids(isolated_stack, {later.request_id})
+    later = GenerationRequest.new(user_id="cid", prompt="b", idempotency_key="new")
+    # Past the 3 s window, the batch that admits `later` first sweeps the memory.
+    admitted_apart(isolated_stack, first, later, apart_s=3.1)
     expired_key, live_key = (json.dumps(dedupe_key(r)).encode() for r in (first, later))
 
     def swept(messages: list) -> bool:
@@ -142,14 +146,9 @@ def test_token_buckets_refilled_to_their_burst_are_deleted_from_the_changelog(
 ) -> None:
     processor_factory(**DEDUPE_AND_LIMITS)
     first = GenerationRequest.new(user_id="dot", prompt="a")
-    with RequestPublisher(isolated_stack) as publisher:
-        publisher.publish(first)
-        rendered_ids(isolated_stack, {first.request_id})
-        time.sleep(2.1)  # the behaviour under test is the refill: one token at 0.5/s
-        # The next batch after the refill sweeps the buckets.
-        later = GenerationRequest.new(user_id="eve", prompt="b")
-        publisher.publish(later)
-    rendered_ids(isolated_stack, {later.request_id})
+    later = GenerationRequest.new(user_id="eve", prompt="b")
+    # Once dot's token is back (0.5/s), the batch that admits `later` first sweeps buckets.
+    admitted_apart(isolated_stack, first, later, apart_s=2.1)
     refilled, active = (json.dumps(f"user:{r.user_id}").encode() for r in (first, later))
 
     def swept(messages: list) -> bool:
