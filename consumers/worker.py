@@ -6,7 +6,9 @@ Threads, and what each one owns:
   partitions while too much work is in flight, and stores the offsets of finished work.
   Nothing else touches the consumer.
 - a check pool looks every new request up in the object store: an image that an earlier
-  attempt stored (and crashed before committing) is published again without rendering.
+  attempt stored (and crashed before committing) is published again without rendering. It
+  also counts the worker processes that died rendering the request (`consumers.crashes`):
+  such a request renders alone, and fails without rendering once it has killed too many.
 - the render thread batches compatible requests and runs the pipeline, and nothing else,
   so the device waits only for batching.
 - a finish pool encodes, stores and publishes every rendered image.
@@ -36,16 +38,18 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from PIL import Image
 
 from consumers.batching import Batcher
+from consumers.crashes import CrashLedger, Record, RenderKilledWorkers
 from consumers.models import UnknownModel
 from consumers.offsets import OffsetTracker
 from consumers.rendering import Renderer, batch_key, encode_image, seed_for
@@ -107,6 +111,7 @@ class Job:
     generation: int  # the assignment it was polled in; older jobs' completions are ignored
     admitted_at_ms: int
     span: Span
+    crashes: int = 0  # renders of this record that a worker process died in
     render_started_ms: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -137,10 +142,9 @@ class RenderWorker:
         )
         self._tracker = OffsetTracker()
         self._finished: queue.SimpleQueue[tuple[int, int, int]] = queue.SimpleQueue()
+        self._crashes = CrashLedger(Path(settings.state_dir) / "worker" / "crashes")
         self._batcher: Batcher[Job] = Batcher(
-            lambda job: batch_key(job.request),
-            self.options.max_batch,
-            self.options.max_wait_ms / 1000,
+            _batch_key, self.options.max_batch, self.options.max_wait_ms / 1000
         )
         self._generation = 0
         self._paused = False
@@ -334,10 +338,32 @@ class RenderWorker:
             stage=Stage.STORE.value,
         )
         if stored is None:
+            self._count_crashes(job)
             self._batcher.put(job)
         else:
             log.info("%s was stored by an earlier attempt; publishing it", key)
             self._publish_success(job, stored, attempts=1, batch_size=None)
+
+    def _count_crashes(self, job: Job) -> None:
+        """Note how many worker processes died rendering the job; give up on it once too many
+        did, as a poison request that would kill every worker it reaches."""
+        job.crashes = self._crashes.crashes(_record(job))
+        if job.crashes >= self.settings.max_attempts:
+            raise GaveUp(
+                RenderKilledWorkers(
+                    f"a worker process died while rendering this request, {job.crashes} times "
+                    "(killed for memory, or a crash in native code); it is not rendered again. "
+                    "Find the cause in the worker logs and metrics (its size, steps, model), "
+                    "then replay it from the DLQ with more memory or smaller settings"
+                ),
+                job.crashes,
+            )
+        if job.crashes:
+            log.warning(
+                "a worker process died while rendering %s (%d time(s)); rendering it alone",
+                job.request.request_id,
+                job.crashes,
+            )
 
     def _claim(self, job: Job) -> bool:
         """Take the job's object key, or queue the job behind the one holding it."""
@@ -402,13 +428,14 @@ class RenderWorker:
         started = time.perf_counter()
         started_ms = _now_ms()
         try:
-            images, attempts = retrying(
-                self._policy,
-                "render",
-                lambda: renderer.render([job.request for job in batch]),
-                self._stopping,
-                stage=Stage.RENDER.value,
-            )
+            with self._crashes.rendering([(_record(job), job.crashes) for job in batch]):
+                images, attempts = retrying(
+                    self._policy,
+                    "render",
+                    lambda: renderer.render([job.request for job in batch]),
+                    self._stopping,
+                    stage=Stage.RENDER.value,
+                )
         except Interrupted:
             for job in batch:  # uncommitted: the partition's next owner renders them
                 self._release(job)
@@ -637,6 +664,18 @@ def _job_context(job: Job) -> AbstractContextManager[None]:
     )
 
 
+def _batch_key(job: Job) -> Hashable:
+    # A request that a worker died rendering renders alone: it may die again, and must not
+    # take company with it.
+    alone = job.request.request_id if job.crashes else None
+    return batch_key(job.request), alone
+
+
+def _record(job: Job) -> Record:
+    topic, partition, offset = job.message.topic(), job.message.partition(), job.message.offset()
+    return Record(topic, partition, offset, job.request.request_id)
+
+
 def _admitted_at_ms(message: Message) -> int:
     for name, value in message.headers() or []:
         if name == ADMITTED_AT_HEADER and value:
@@ -649,7 +688,7 @@ def _coordinates(message: Message) -> tuple[int, int]:
 
 
 def _stage_of(error: BaseException, default: Stage) -> Stage:
-    return Stage.RENDER if isinstance(error, UnknownModel) else default
+    return Stage.RENDER if isinstance(error, UnknownModel | RenderKilledWorkers) else default
 
 
 def _reason(error: BaseException, stage: Stage) -> Reason:

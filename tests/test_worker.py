@@ -3,8 +3,10 @@ server: images, batching, crashes, an object-store outage, poison requests, SIGT
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,12 +48,15 @@ SMALL = {"width": 64, "height": 64, "steps": 2}
 def worker_factory(isolated_stack: Settings, tmp_path: Path) -> Iterator:
     started: list[Service] = []
 
-    def start(*args: str, stack: Settings = isolated_stack, **env: str) -> Service:
+    def start(
+        *args: str, stack: Settings = isolated_stack, launcher: Path | None = None, **env: str
+    ) -> Service:
         variables = {f"IMAGEGEN_{name.upper()}": value for name, value in env.items()}
         worker = Service(
             ["worker", "--device", "cpu", *args],
             {**settings_env(stack), **variables},
             tmp_path / f"worker-{len(started)}.log",
+            launcher,
         )
         worker.start()
         started.append(worker)
@@ -186,6 +191,65 @@ def test_sigkill_repeatedly_leaves_exactly_one_object_per_request(
         assert any(a.status is Status.SUCCEEDED for a in answers)
         assert per_key[object_key(request)] == 1  # never a second version: never replaced
         assert len({a.sha256 for a in answers}) == 1
+
+
+# A worker whose pipeline dies on one prompt as a process dies to the kernel's out-of-memory
+# killer or a native crash: at once, with no exception to handle.
+KILLING_LAUNCHER = """\
+import os
+import signal
+
+from consumers.rendering import Renderer
+
+render = Renderer.render
+
+
+def render_or_die(self, requests):
+    if any(request.prompt == "kill the worker" for request in requests):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return render(self, requests)
+
+
+Renderer.render = render_or_die
+from infra.cli import main
+main()
+"""
+
+
+def test_a_request_that_kills_its_worker_is_dead_lettered_instead_of_crash_looping(
+    worker_factory, isolated_stack, tmp_path
+) -> None:
+    launcher = tmp_path / "killing.py"
+    launcher.write_text(KILLING_LAUNCHER)
+    # One user, so one partition, and a wait long enough that all five render in one batch.
+    poison = GenerationRequest.new(user_id="mallory", prompt="kill the worker", **SMALL)
+    good = [GenerationRequest.new(user_id="mallory", prompt=f"fine {i}", **SMALL) for i in range(4)]
+    submit(isolated_stack, [*good[:2], poison, *good[2:]])
+    start = functools.partial(
+        worker_factory, "--max-batch", "8", "--max-wait-ms", "1000", launcher=launcher
+    )
+
+    # As a supervisor restarts a worker that died. The first dies with the whole batch; the
+    # second renders each request alone, and dies with the poison.
+    for _ in range(2):
+        assert start(max_attempts="2").process.wait(120) == -signal.SIGKILL
+    survivor = start(max_attempts="2")
+    found = results_for(isolated_stack, {r.request_id for r in [poison, *good]})
+    survivor.assert_running()
+
+    assert all(found[r.request_id][0].status is Status.SUCCEEDED for r in good)
+    # Rendered alone after the first death (None: published again from the store).
+    assert all(a.batch_size in (1, None) for r in good for a in found[r.request_id])
+    (failed,) = found[poison.request_id]
+    assert (failed.status, failed.reason, failed.attempts) == (
+        Status.FAILED,
+        Reason.RENDER_ERROR,
+        2,
+    )
+    assert "died while rendering this request, 2 times" in (failed.detail or "")
+    (message,) = read_topic(isolated_stack, DLQ, lambda ms: len(ms) >= 1)
+    letter = DeadLetter.from_kafka(message.key(), message.value(), message.headers())
+    assert (letter.stage, letter.value, letter.attempts) == (Stage.RENDER, encode(poison), 2)
 
 
 def test_sigterm_finishes_in_flight_work_and_commits_it(worker_factory, isolated_stack) -> None:
