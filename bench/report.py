@@ -49,9 +49,10 @@ fewer than one per 10 ms, takes none). The render is kept short (`tiny`, 64x64, 
 so that the model has room to spare at this rate and the overhead is the pipeline's, not a
 queue in front of a saturated model; *render utilisation* shows how busy it was. The full
 run measures three windows in turn on the same pipeline and reports the one with the median
-overhead p99 (each window's is listed): a shared CPU's speed drifts, and a slower model
-keeps requests waiting behind it. A request without a succeeded result is a failure, and a
-run with failures in any window meets no target."""
+overhead p99 (each window's is listed, with its render p50 as a gauge of the CPU's speed
+then): a shared CPU's speed drifts, and a slower model keeps requests waiting behind it.
+A request without a succeeded result is a failure, and a run with failures in any window
+meets no target."""
 
 BREAKDOWN = {
     "publish": "publish call, until the broker acknowledged",
@@ -225,7 +226,8 @@ def _windows(windows: list[dict[str, Any]]) -> list[str]:
     if len(windows) < 2:
         return []
     each = "; ".join(
-        f"{_value(w['overhead_p99_ms'])} ms (utilisation {_value(w['render_utilisation'])})"
+        f"{_value(w['overhead_p99_ms'])} ms (render p50 {_value(w.get('render_p50_ms'))} ms, "
+        f"utilisation {_value(w['render_utilisation'])})"
         for w in windows
     )
     return [
