@@ -76,6 +76,10 @@ class Options:
     # latency, and a shorter one would flatter the figures.
     max_batch: int = 4
     max_wait_ms: float = 10.0
+    # The worker renders on one core and leaves the other to the stack, as `--cpu-threads`
+    # advises for a shared host: with a thread per core, a render waits for whichever of its
+    # threads the broker, the store or the processor preempts.
+    cpu_threads: int = 1
     # Covers building the tiny model on a busy machine.
     warm_up_timeout_s: float = 300.0
     #: How long after the last publish the results still outstanding are awaited.
@@ -119,7 +123,7 @@ def start_pipeline(
     worker_args = [
         *("worker", "--model", options.model, "--device", options.device),
         *("--max-batch", str(options.max_batch), "--max-wait-ms", str(options.max_wait_ms)),
-        *("--log-level", "warning"),
+        *("--cpu-threads", str(options.cpu_threads), "--log-level", "warning"),
     ]
     commands = {
         "processor": (["processor", "--log-level", "warning"], child_env(settings, **NO_LIMITS)),
@@ -412,6 +416,7 @@ def options_from(args: argparse.Namespace) -> Options:
         "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms,
         "device": args.device,
+        "cpu_threads": args.cpu_threads,
         "windows": args.windows,
     }
     return replace(options, **{k: v for k, v in overrides.items() if v is not None})
@@ -427,6 +432,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, help="the worker's (default 4)")
     parser.add_argument("--max-wait-ms", type=float, help="the worker's (default 10)")
     parser.add_argument("--device", help="the worker's (default cpu)")
+    parser.add_argument("--cpu-threads", type=positive, help="the worker's (default 1)")
     parser.add_argument("--windows", type=positive, help="measured in turn (default 3, quick 1)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     return parser.parse_args()

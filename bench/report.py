@@ -44,10 +44,14 @@ whatever the answers do, and each one's latency runs from the start of
 polls of at most 10 ms). *Render* is the result's `timings.render_ms`: the forward pass of
 its whole batch, which every request of the batch waits for. *Overhead* is end-to-end minus
 render: what the pipeline adds around the model, a batching wait included when one is taken
-(the worker runs with its defaults, `--max-batch 4 --max-wait-ms 10`, and at 20 requests/s,
-fewer than one per 10 ms, takes none). The render is kept short (`tiny`, 64x64, one step)
-so that the model has room to spare at this rate and the overhead is the pipeline's, not a
-queue in front of a saturated model; *render utilisation* shows how busy it was. The full
+(the worker batches with its defaults, `--max-batch 4 --max-wait-ms 10`, and at 20
+requests/s, fewer than one per 10 ms, takes none). The render is kept short (`tiny`, 64x64,
+one step) so that the model has room to spare at this rate and the overhead is the
+pipeline's, not a queue in front of a saturated model; *render utilisation* shows how busy
+it was. The worker renders with one thread (`--cpu-threads 1`), leaving the other core to
+the broker, the store and the processor: with a thread per core, each render waits for
+whichever of its threads they preempt (measured under the same load: render p50 36-51 ms
+against 26-30 ms, overhead p99 114-126 ms against 37-45 ms). The full
 run measures three windows in turn on the same pipeline and reports the one with the median
 overhead p99 (each window's is listed, with its render p50 as a gauge of the CPU's speed
 then): a shared CPU's speed drifts, and a slower model keeps requests waiting behind it.
@@ -195,7 +199,8 @@ def _e2e(figures: dict[str, Any]) -> list[str]:
         f"{options['rate_per_s']:g} requests/s for {options['duration_s']:g} s from "
         f"{options['users']} users; `{options['model']}` at {options['width']}x"
         f"{options['height']}, {options['steps']} step(s) on {options['device']}; worker "
-        f"`--max-batch {options['max_batch']} --max-wait-ms {options['max_wait_ms']:g}`.",
+        f"`--max-batch {options['max_batch']} --max-wait-ms {options['max_wait_ms']:g}"
+        f"{_cpu_threads(options)}`.",
         "",
         *_windows(figures.get("windows", [])),
         f"- requests in the median window: {figures['requests']}, succeeded: "
@@ -220,6 +225,11 @@ def _e2e(figures: dict[str, Any]) -> list[str]:
         for name, text in BREAKDOWN.items()
     ]
     return [*lines, *_table(("ms", "p50", "p95", "p99", "max"), rows)]
+
+
+def _cpu_threads(options: dict[str, Any]) -> str:
+    threads = options.get("cpu_threads")  # absent from results before the option existed
+    return "" if threads is None else f" --cpu-threads {threads}"
 
 
 def _windows(windows: list[dict[str, Any]]) -> list[str]:

@@ -45,11 +45,13 @@ class Batcher(Generic[T]):
     renders are waiting for the next batch already. Arrivals of every kind count, so under
     mixed traffic a wait may still find no company of the batch's kind; and since an item
     counts itself, a wait of a second or more is always taken. Incompatible items keep
-    their place for the next batch. Thread-safe for one consumer and any number of
-    producers.
+    their place for the next batch. An item whose key is None batches with nothing, and
+    waits for no company. Thread-safe for one consumer and any number of producers.
     """
 
-    def __init__(self, key: Callable[[T], Hashable], max_batch: int, max_wait_s: float) -> None:
+    def __init__(
+        self, key: Callable[[T], Hashable | None], max_batch: int, max_wait_s: float
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1 (got {max_batch})")
         if max_wait_s < 0:
@@ -74,6 +76,8 @@ class Batcher(Generic[T]):
             except queue.Empty:
                 return []
         kind = self._key(self._held[0])
+        if kind is None:
+            return [self._held.pop(0)]
         batch = self._take(kind, self._max_batch)
         started = time.monotonic()
         if self._arrivals.per_second(started) * self._max_wait_s < 1:

@@ -1,29 +1,35 @@
-"""Requests that a worker process died rendering, so that none can crash-loop the workers.
+"""Requests that worker processes died rendering, so that none can crash-loop the workers.
 
 Some requests kill the process that renders them, past every exception handler: the
 kernel's out-of-memory killer, a crash in a native kernel, a GPU fault. Their record is
 never committed, so the restarted worker reads it again and dies again, and the requests
 behind it on its partition wait for ever.
 
-So before a batch renders, the worker leaves a mark on local disk for each of its records,
-and removes the marks once the pipeline returns, however it returns. A mark found when a
-record is read again counts the renders of it that a process did not survive. The worker
-renders such a record alone, so that it takes no innocent company down with it, and once
-it has killed `IMAGEGEN_MAX_ATTEMPTS` processes, fails it to the DLQ without rendering.
+So while a batch renders, the worker holds a mark on local disk for each of its records: a
+small file, locked for as long as the render runs and removed when the pipeline returns,
+however it returns. A mark found unlocked when a record is read again was left by a process
+that died rendering it. Such a record is a suspect: it renders alone, so that it takes no
+innocent company down with it. Only deaths while it rendered alone count against it, and
+once `IMAGEGEN_MAX_ATTEMPTS` of those have happened the worker fails it to the DLQ without
+rendering it. Any death counts, so a process killed from outside in the middle of a
+suspect's lone render counts too.
 
-The marks live under `IMAGEGEN_STATE_DIR/worker/crashes`, one small file per record being
-rendered. A restarted worker must find the same directory (on Kubernetes, a volume that
-outlives the container, such as an emptyDir). A partition that moves to another host starts
-counting afresh there.
+The marks live under `IMAGEGEN_STATE_DIR/worker/crashes`. Workers on one host may share the
+directory: the locks tell a live render (an earlier owner of a partition, still finishing)
+from a dead one. A restarted worker must find the same directory (on Kubernetes, a volume
+that outlives the container, such as an emptyDir), and a request whose partition moves to
+another host starts with a clean record there.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 class RenderKilledWorkers(ImagegenError):
-    """The request's renders killed worker processes (permanent: it would kill the next)."""
+    """Worker processes died rendering the request alone (permanent: it would kill the next)."""
 
 
 @dataclass(frozen=True)
@@ -51,56 +57,107 @@ class Record:
         return f"{self.topic}-{self.partition}-{self.offset}"
 
 
+@dataclass(frozen=True)
+class Crashes:
+    """What the processes that died rendering a record left behind."""
+
+    suspect: bool = False  # some process died rendering it, alone or in a batch
+    alone: int = 0  # how many died while it rendered alone
+
+
 class CrashLedger:
-    """The marks of one worker host. Safe to share between threads and processes: each
-    record has its own file, and only its partition's owner renders it."""
+    """The marks of one host's workers. Thread-safe: each record has a file of its own."""
 
     def __init__(self, directory: Path) -> None:
         self._directory = directory
         try:
             directory.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=directory).close()
         except OSError as exc:
             raise ConfigError(_unwritable(directory, exc)) from exc
 
-    def crashes(self, record: Record) -> int:
-        """How many renders of `record` a worker process died in."""
-        path = self._directory / record.name
+    def crashes(self, record: Record) -> Crashes:
+        """What earlier renders of `record` on this host left: nothing when none died."""
         try:
-            mark = json.loads(path.read_text(encoding="utf-8"))
-            crashes = int(mark["crashes"])
-            request_id = mark["request_id"]
+            with (self._directory / record.name).open("rb") as file:
+                mark = json.loads(file.read())
+                live = _locked(file.fileno())
+            if mark["request_id"] != record.request_id:
+                return Crashes()  # another request's: left from before the topic was made anew
+            earlier = Crashes(bool(mark["suspect"]), int(mark["alone_deaths"]))
+            died_alone = bool(mark["rendering_alone"])
         except FileNotFoundError:
-            return 0
+            return Crashes()
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring the unreadable crash mark %s: %s", path, exc)
-            return 0
-        # A mark for another request: left from before the topic was deleted and made anew.
-        return crashes if request_id == record.request_id else 0
+            log.warning("ignoring the unreadable crash mark of %s: %s", record.name, exc)
+            return Crashes()
+        if live:
+            return earlier  # an earlier owner of the partition is still rendering it
+        return Crashes(True, earlier.alone + died_alone)
 
     @contextmanager
-    def rendering(self, records: Sequence[tuple[Record, int]]) -> Iterator[None]:
-        """Mark each (record, crashes so far) as rendering for the duration of the block."""
-        paths = [self._mark(record, crashes + 1) for record, crashes in records]
-        try:
+    def rendering(self, records: Sequence[tuple[Record, Crashes]]) -> Iterator[None]:
+        """Hold a mark for each (record, its crashes so far) for the duration of the block."""
+        alone = len(records) == 1
+        with ExitStack() as marks:
+            for record, crashes in records:
+                path, fd = self._mark(record, crashes, alone)
+                marks.callback(_remove, path, fd)
             yield
-        finally:
-            for path in paths:
-                path.unlink(missing_ok=True)
 
-    def _mark(self, record: Record, crashes: int) -> Path:
+    def forget(self, record: Record) -> None:
+        """Remove the mark a dead render of `record` left, once it has served its purpose."""
         path = self._directory / record.name
-        staged = path.with_name(f".{record.name}.new")
-        # Written aside and renamed, so that a death mid-write leaves no torn mark. No fsync:
-        # a process that dies leaves its writes to the kernel, which keeps them.
         try:
-            staged.write_text(
-                json.dumps({"request_id": record.request_id, "crashes": crashes}),
-                encoding="utf-8",
-            )
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        if _locked(fd):
+            os.close(fd)  # a live render's: it removes its own
+        else:
+            _remove(path, fd)
+
+    def _mark(self, record: Record, crashes: Crashes, alone: bool) -> tuple[Path, int]:
+        content = {
+            "request_id": record.request_id,
+            "suspect": crashes.suspect,
+            "alone_deaths": crashes.alone,
+            "rendering_alone": alone,
+        }
+        try:
+            # Locked before it has its name, so that no one sees it unlocked while it lives;
+            # written aside and renamed, so that a death mid-write leaves no torn mark. No
+            # fsync: the kernel keeps the writes of a process that dies.
+            fd, staged = tempfile.mkstemp(prefix=".", dir=self._directory)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, json.dumps(content).encode())
+            path = self._directory / record.name
             os.replace(staged, path)
         except OSError as exc:
             raise ConfigError(_unwritable(self._directory, exc)) from exc
-        return path
+        return path, fd
+
+
+def _locked(fd: int) -> bool:
+    """Whether a live process holds the file's lock (the lock dies with its holder)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
+
+
+def _remove(path: Path, fd: int) -> None:
+    """Unlink `path` if it is still the file open as `fd`: another worker may have marked the
+    record afresh since (a partition's new owner, while its old one finished)."""
+    try:
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _unwritable(directory: Path, exc: OSError) -> str:

@@ -7,10 +7,11 @@ Threads, and what each one owns:
   Nothing else touches the consumer.
 - a check pool looks every new request up in the object store: an image that an earlier
   attempt stored (and crashed before committing) is published again without rendering. It
-  also counts the worker processes that died rendering the request (`consumers.crashes`):
-  such a request renders alone, and fails without rendering once it has killed too many.
-- the render thread batches compatible requests and runs the pipeline, and nothing else,
-  so the device waits only for batching.
+  also reads what worker processes that died rendering the request left
+  (`consumers.crashes`): such a request renders alone, and fails without rendering once
+  too many died rendering it alone.
+- the render thread batches compatible requests and runs the pipeline, holding a crash mark
+  per request meanwhile, and nothing else, so the device waits only for batching.
 - a finish pool encodes, stores and publishes every rendered image.
 - a delivery thread serves the producer's delivery reports.
 - on SIGTERM, a drain thread waits for that work to finish while the poll loop keeps
@@ -49,7 +50,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from PIL import Image
 
 from consumers.batching import Batcher
-from consumers.crashes import CrashLedger, Record, RenderKilledWorkers
+from consumers.crashes import Crashes, CrashLedger, Record, RenderKilledWorkers
 from consumers.models import UnknownModel
 from consumers.offsets import OffsetTracker
 from consumers.rendering import Renderer, batch_key, encode_image, seed_for
@@ -111,7 +112,7 @@ class Job:
     generation: int  # the assignment it was polled in; older jobs' completions are ignored
     admitted_at_ms: int
     span: Span
-    crashes: int = 0  # renders of this record that a worker process died in
+    crashes: Crashes = field(default_factory=Crashes)  # left by processes that died on it
     render_started_ms: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -338,31 +339,36 @@ class RenderWorker:
             stage=Stage.STORE.value,
         )
         if stored is None:
-            self._count_crashes(job)
+            self._check_crashes(job)
             self._batcher.put(job)
         else:
             log.info("%s was stored by an earlier attempt; publishing it", key)
+            self._crashes.forget(_record(job))
             self._publish_success(job, stored, attempts=1, batch_size=None)
 
-    def _count_crashes(self, job: Job) -> None:
-        """Note how many worker processes died rendering the job; give up on it once too many
-        did, as a poison request that would kill every worker it reaches."""
+    def _check_crashes(self, job: Job) -> None:
+        """Note what processes that died rendering the job left; give up on it, as a poison
+        request that would kill every worker it reaches, once too many died rendering it
+        alone."""
         job.crashes = self._crashes.crashes(_record(job))
-        if job.crashes >= self.settings.max_attempts:
+        if job.crashes.alone >= self.settings.max_attempts:
+            self._crashes.forget(_record(job))  # the dead letter keeps the record
             raise GaveUp(
                 RenderKilledWorkers(
-                    f"a worker process died while rendering this request, {job.crashes} times "
-                    "(killed for memory, or a crash in native code); it is not rendered again. "
-                    "Find the cause in the worker logs and metrics (its size, steps, model), "
-                    "then replay it from the DLQ with more memory or smaller settings"
+                    f"{job.crashes.alone} worker process(es) died while rendering this request "
+                    "alone (killed for memory, or a crash in native code), so it is not "
+                    "rendered again. Find the cause in the worker logs and metrics (its size, "
+                    "steps, model), then replay it from the DLQ with more memory or smaller "
+                    "settings"
                 ),
-                job.crashes,
+                job.crashes.alone,
             )
-        if job.crashes:
+        if job.crashes.suspect:
             log.warning(
-                "a worker process died while rendering %s (%d time(s)); rendering it alone",
+                "a worker process died while rendering %s (%d time(s) while alone); "
+                "rendering it alone",
                 job.request.request_id,
-                job.crashes,
+                job.crashes.alone,
             )
 
     def _claim(self, job: Job) -> bool:
@@ -664,11 +670,10 @@ def _job_context(job: Job) -> AbstractContextManager[None]:
     )
 
 
-def _batch_key(job: Job) -> Hashable:
-    # A request that a worker died rendering renders alone: it may die again, and must not
-    # take company with it.
-    alone = job.request.request_id if job.crashes else None
-    return batch_key(job.request), alone
+def _batch_key(job: Job) -> Hashable | None:
+    # A request that a worker died rendering renders alone (None): it may kill the next one
+    # too, and must take no company with it.
+    return None if job.crashes.suspect else batch_key(job.request)
 
 
 def _record(job: Job) -> Record:

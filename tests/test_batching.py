@@ -74,6 +74,18 @@ def test_under_sparse_traffic_a_short_batch_runs_at_once() -> None:
     assert batcher.next_batch(1) == ["a2"]
 
 
+def test_an_item_keyed_none_batches_with_nothing_and_waits_for_no_company() -> None:
+    # A wait of 30 s is always taken for a keyed item; one keyed None must not take it.
+    batcher: Batcher[str] = Batcher(
+        lambda item: None if item.startswith("x") else item[0], max_batch=4, max_wait_s=30
+    )
+    for item in ("x1", "x2", "a1", "a2", "a3", "a4"):
+        batcher.put(item)
+    assert batcher.next_batch(1) == ["x1"]
+    assert batcher.next_batch(1) == ["x2"]
+    assert batcher.next_batch(1) == ["a1", "a2", "a3", "a4"]
+
+
 def test_drain_hands_back_everything_waiting() -> None:
     batcher: Batcher[str] = Batcher(lambda item: item[0], max_batch=1, max_wait_s=0)
     for item in ("a1", "b1", "a2"):

@@ -115,9 +115,10 @@ def test_images_are_stored_and_described_by_their_results(worker_factory, isolat
 def test_compatible_requests_share_one_forward_pass(worker_factory, isolated_stack) -> None:
     requests = small_requests(4)
     submit(isolated_stack, requests)  # all waiting before the worker starts
-    worker_factory("--max-batch", "4", "--max-wait-ms", "3000")
+    worker = worker_factory("--max-batch", "4", "--max-wait-ms", "3000", "--cpu-threads", "1")
     found = results_for(isolated_stack, {r.request_id for r in requests})
     assert {found[r.request_id][0].batch_size for r in requests} == {4}
+    assert "on cpu (torch.float32), 1 thread(s)" in worker.log.read_text()
 
 
 def test_poison_requests_are_dead_lettered_without_holding_up_their_partition(
@@ -226,14 +227,15 @@ def test_a_request_that_kills_its_worker_is_dead_lettered_instead_of_crash_loopi
     good = [GenerationRequest.new(user_id="mallory", prompt=f"fine {i}", **SMALL) for i in range(4)]
     submit(isolated_stack, [*good[:2], poison, *good[2:]])
     start = functools.partial(
-        worker_factory, "--max-batch", "8", "--max-wait-ms", "1000", launcher=launcher
+        worker_factory, "--max-batch", "5", "--max-wait-ms", "30000", launcher=launcher
     )
 
-    # As a supervisor restarts a worker that died. The first dies with the whole batch; the
-    # second renders each request alone, and dies with the poison.
+    # As a supervisor restarts a worker that died. The first dies rendering the batch, which
+    # makes all five suspects; the second renders each suspect alone, and dies with the
+    # poison; the third fails the poison without rendering it (one death alone is the limit).
     for _ in range(2):
-        assert start(max_attempts="2").process.wait(120) == -signal.SIGKILL
-    survivor = start(max_attempts="2")
+        assert start(max_attempts="1").process.wait(120) == -signal.SIGKILL
+    survivor = start(max_attempts="1")
     found = results_for(isolated_stack, {r.request_id for r in [poison, *good]})
     survivor.assert_running()
 
@@ -244,12 +246,14 @@ def test_a_request_that_kills_its_worker_is_dead_lettered_instead_of_crash_loopi
     assert (failed.status, failed.reason, failed.attempts) == (
         Status.FAILED,
         Reason.RENDER_ERROR,
-        2,
+        1,
     )
-    assert "died while rendering this request, 2 times" in (failed.detail or "")
+    assert "1 worker process(es) died while rendering this request alone" in (failed.detail or "")
     (message,) = read_topic(isolated_stack, DLQ, lambda ms: len(ms) >= 1)
     letter = DeadLetter.from_kafka(message.key(), message.value(), message.headers())
-    assert (letter.stage, letter.value, letter.attempts) == (Stage.RENDER, encode(poison), 2)
+    assert (letter.stage, letter.value, letter.attempts) == (Stage.RENDER, encode(poison), 1)
+    # Every mark is gone: removed after each render, and after giving up on the poison.
+    assert not list((Path(isolated_stack.state_dir) / "worker" / "crashes").iterdir())
 
 
 def test_sigterm_finishes_in_flight_work_and_commits_it(worker_factory, isolated_stack) -> None:
