@@ -40,8 +40,17 @@ def load_average() -> list[float] | None:
 def git_commit() -> dict[str, object] | None:
     try:
         commit = _git("rev-parse", "HEAD")
-        # No index refresh: others may be working in this checkout.
-        changed = _git("status", "--porcelain", "--untracked-files=no")
+        # No index refresh: others may be working in this checkout. The benchmarks' own
+        # outputs are left out: earlier figures there change nothing that is measured.
+        changed = _git(
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ".",
+            ":!bench/results.json",
+            ":!docs/benchmarks.md",
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
     return {"commit": commit, "dirty": bool(changed)}
