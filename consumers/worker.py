@@ -352,7 +352,6 @@ class RenderWorker:
         alone."""
         job.crashes = self._crashes.crashes(_record(job))
         if job.crashes.alone >= self.settings.max_attempts:
-            self._crashes.forget(_record(job))  # the dead letter keeps the record
             raise GaveUp(
                 RenderKilledWorkers(
                     f"{job.crashes.alone} worker process(es) died while rendering this request "
@@ -614,6 +613,8 @@ class RenderWorker:
                 )
                 os._exit(70)
             DLQ_RECORDS.labels(stage.value).inc()
+            if job is not None:
+                self._crashes.forget(_record(job))  # the dead letter keeps the record now
             self._finished.put((generation, *_coordinates(message)))
 
         self._send(DLQ, letter.key, letter.value, delivered, letter.headers())

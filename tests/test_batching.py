@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 
@@ -81,8 +82,10 @@ def test_an_item_keyed_none_batches_with_nothing_and_waits_for_no_company() -> N
     )
     for item in ("x1", "x2", "a1", "a2", "a3", "a4"):
         batcher.put(item)
+    started = time.monotonic()
     assert batcher.next_batch(1) == ["x1"]
     assert batcher.next_batch(1) == ["x2"]
+    assert time.monotonic() - started < 10  # far from the 30 s a wait would take
     assert batcher.next_batch(1) == ["a1", "a2", "a3", "a4"]
 
 

@@ -43,7 +43,7 @@ def test_a_record_never_rendered_has_no_crashes(tmp_path) -> None:
     assert CrashLedger(tmp_path).crashes(RECORD) == Crashes()
 
 
-def test_a_death_in_a_batch_makes_suspects_and_only_deaths_alone_count(tmp_path) -> None:
+def test_a_first_death_makes_suspects_and_only_deaths_alone_as_one_count(tmp_path) -> None:
     ledger = CrashLedger(tmp_path)
     die_rendering(tmp_path, RECORD, OTHER)
     assert ledger.crashes(RECORD) == ledger.crashes(OTHER) == Crashes(suspect=True, alone=0)
@@ -51,6 +51,13 @@ def test_a_death_in_a_batch_makes_suspects_and_only_deaths_alone_count(tmp_path)
     assert ledger.crashes(RECORD) == Crashes(suspect=True, alone=1)
     die_rendering(tmp_path, RECORD)
     assert ledger.crashes(RECORD) == Crashes(suspect=True, alone=2)
+
+
+def test_a_first_death_alone_only_makes_a_suspect(tmp_path) -> None:
+    # Under sparse traffic every batch is of one: an innocent caught by an unrelated death
+    # must not be counted against at once.
+    die_rendering(tmp_path, OTHER)
+    assert CrashLedger(tmp_path).crashes(OTHER) == Crashes(suspect=True, alone=0)
 
 
 def test_a_render_that_returns_or_raises_leaves_no_mark(tmp_path) -> None:
@@ -61,6 +68,16 @@ def test_a_render_that_returns_or_raises_leaves_no_mark(tmp_path) -> None:
         raise RuntimeError("the pipeline failed")
     assert ledger.crashes(RECORD) == Crashes()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_live_render_in_this_process_is_not_a_death(tmp_path) -> None:
+    ledger = CrashLedger(tmp_path)
+    with ledger.rendering([(RECORD, Crashes(suspect=True, alone=1))]):
+        assert ledger.crashes(RECORD) == Crashes(suspect=True, alone=1)
+        ledger.forget(RECORD)
+        # Looking did not take the render's lock from it.
+        assert ledger.crashes(RECORD) == Crashes(suspect=True, alone=1)
+        assert (tmp_path / RECORD.name).exists()
 
 
 def test_a_live_render_elsewhere_is_not_a_death(tmp_path) -> None:

@@ -238,6 +238,8 @@ def test_a_request_that_kills_its_worker_is_dead_lettered_instead_of_crash_loopi
     survivor = start(max_attempts="1")
     found = results_for(isolated_stack, {r.request_id for r in [poison, *good]})
     survivor.assert_running()
+    (message,) = read_topic(isolated_stack, DLQ, lambda ms: len(ms) >= 1)
+    assert survivor.stop() == 0  # after which every delivery report has been handled
 
     assert all(found[r.request_id][0].status is Status.SUCCEEDED for r in good)
     # Rendered alone after the first death (None: published again from the store).
@@ -249,10 +251,10 @@ def test_a_request_that_kills_its_worker_is_dead_lettered_instead_of_crash_loopi
         1,
     )
     assert "1 worker process(es) died while rendering this request alone" in (failed.detail or "")
-    (message,) = read_topic(isolated_stack, DLQ, lambda ms: len(ms) >= 1)
     letter = DeadLetter.from_kafka(message.key(), message.value(), message.headers())
     assert (letter.stage, letter.value, letter.attempts) == (Stage.RENDER, encode(poison), 1)
-    # Every mark is gone: removed after each render, and after giving up on the poison.
+    # Every mark is gone: removed after each render, and once the poison's dead letter was
+    # acknowledged.
     assert not list((Path(isolated_stack.state_dir) / "worker" / "crashes").iterdir())
 
 
