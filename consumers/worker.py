@@ -364,10 +364,11 @@ class RenderWorker:
             )
         if job.crashes.suspect:
             log.warning(
-                "a worker process died while rendering %s (%d time(s) while alone); "
-                "rendering it alone",
+                "a worker process died while rendering %s; rendering it alone (%d of %d "
+                "deaths alone before it fails)",
                 job.request.request_id,
                 job.crashes.alone,
+                self.settings.max_attempts,
             )
 
     def _claim(self, job: Job) -> bool:
