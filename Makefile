@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint format schemas bench gpu-wheels clean
+.PHONY: demo test test-fast lint format schemas bench gpu-wheels clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,9 +21,14 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed lint
 	$(BIN)/pytest
 
+# Everything that needs neither the broker nor the object store: about a minute.
+test-fast: $(BIN)/.installed
+	$(BIN)/pytest -m "not integration"
+
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python .ci/typecheck.py
 
 format: $(BIN)/.installed
 	$(BIN)/ruff check --fix .
@@ -46,7 +51,7 @@ gpu-wheels:
 		--requirement bench/gpu-wheels.txt
 
 schemas: $(BIN)/.installed
-	$(BIN)/python -m schemas.export
+	$(BIN)/python -m imagegen.schemas.export
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build .pytest_cache .ruff_cache .mypy_cache .hypothesis

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import e2e, intake, machine, render, report
-from consumers.models import resolve_device
-from infra.errors import ConfigError
+from imagegen.consumers.models import resolve_device
+from imagegen.schemas.errors import ConfigError
 
 BENCHMARKS = ("intake", "render", "e2e")
 INTAKE_REQUESTS = 20_000

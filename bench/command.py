@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from infra.errors import ImagegenError
+from imagegen.schemas.errors import ImagegenError
 
 
 def positive(value: str) -> int:

@@ -46,12 +46,12 @@ from typing import Any
 from bench.command import positive, run_alone
 from bench.intake import NO_LIMITS
 from bench.stack import child_env, private_stack
-from consumers.results import ResultSubscriber, ResultTimeout
-from infra.children import imagegen_child
-from infra.errors import ImagegenError
-from infra.settings import Settings
-from producers.publisher import RequestPublisher
-from schemas import GenerationResult, Status, new_request_id
+from imagegen.cli.children import imagegen_child
+from imagegen.consumers.results import ResultSubscriber, ResultTimeout
+from imagegen.infra.settings import Settings
+from imagegen.producers.publisher import RequestPublisher
+from imagegen.schemas import GenerationResult, Status, new_request_id
+from imagegen.schemas.errors import ImagegenError
 
 # Each read of the results waits at most this long, so a result is timed within it of its
 # arrival (a longer read would hold arrived results back until it ends).

@@ -25,12 +25,12 @@ from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from confluent_kafka.admin import NewTopic
 
 from bench.stack import child_env, private_stack
-from infra.children import imagegen_child
-from infra.kafka import make_admin, make_consumer, make_producer
-from infra.settings import Settings
-from infra.topics import RENDER, REQUESTS
-from processors.app import ADMITTED_AT_HEADER
-from schemas import GenerationRequest, encode
+from imagegen.cli.children import imagegen_child
+from imagegen.infra.kafka import make_admin, make_consumer, make_producer
+from imagegen.infra.settings import Settings
+from imagegen.schemas import GenerationRequest, encode
+from imagegen.schemas.headers import ADMITTED_AT_HEADER
+from imagegen.schemas.topics import RENDER, REQUESTS
 
 PASSTHROUGH_TOPIC = "bench.passthrough"
 # Limits that admit everything, so the figure is the processor's own cost.

@@ -37,14 +37,14 @@ from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from bench.command import positive, run_alone
 from bench.stack import child_env, private_stack
-from consumers.models import load_pipeline, resolve_device, resolve_dtype
-from consumers.rendering import Renderer, encode_image
-from infra.children import imagegen_child
-from infra.errors import ConfigError
-from infra.kafka import make_consumer, make_producer
-from infra.settings import Settings
-from infra.topics import RENDER, RESULTS
-from schemas import GenerationRequest, GenerationResult, Status, decode, encode
+from imagegen.cli.children import imagegen_child
+from imagegen.consumers.models import load_pipeline, resolve_device, resolve_dtype
+from imagegen.consumers.rendering import Renderer, encode_image
+from imagegen.infra.kafka import make_consumer, make_producer
+from imagegen.infra.settings import Settings
+from imagegen.schemas import GenerationRequest, GenerationResult, Status, decode, encode
+from imagegen.schemas.errors import ConfigError
+from imagegen.schemas.topics import RENDER, RESULTS
 
 USERS = 5
 # Model loading comes before the first result; after it, results come batch by batch.

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from infra.embedded import EMBEDDED_FETCH_WAIT_MS, EmbeddedStack
-from infra.settings import Settings, as_environment, load_settings
+from imagegen.infra.embedded import EMBEDDED_FETCH_WAIT_MS, EmbeddedStack
+from imagegen.infra.settings import Settings, as_environment, load_settings
 
 # Tansu holds a consumer group's first join for half the session timeout.
 SESSION_TIMEOUT_MS = 2000

@@ -35,7 +35,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.errors import ConfigError, ImagegenError
+from imagegen.schemas.errors import ConfigError, ImagegenError
 
 log = logging.getLogger(__name__)
 

@@ -29,14 +29,15 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from infra.errors import BrokerUnavailable, ImagegenError, InvalidMessage
-from infra.kafka import make_admin, make_consumer, make_producer
-from infra.settings import Settings
-from infra.topics import DLQ, TOPICS
-from schemas import DeadLetter, Stage
-from schemas.dead_letters import REPLAY_HEADER
+from imagegen.infra.kafka import make_admin, make_consumer, make_producer
+from imagegen.infra.settings import Settings
+from imagegen.infra.topics import TOPICS
+from imagegen.schemas import DeadLetter, Stage
+from imagegen.schemas.errors import BrokerUnavailable, ImagegenError, InvalidMessage
+from imagegen.schemas.headers import REPLAY_HEADER
+from imagegen.schemas.topics import DLQ
 
-__all__ = ["REPLAY_HEADER", "Entry", "Filters", "ReplaySummary", "read_dlq", "replay"]
+__all__ = ["Entry", "Filters", "ReplaySummary", "read_dlq", "replay"]
 #: Where a replay may publish. The DLQ itself is no original topic.
 REPLAYABLE_TOPICS = frozenset(spec.name for spec in TOPICS) - {DLQ}
 
@@ -88,7 +89,7 @@ class Filters:
     """Which entries to select; every filter given must hold.
 
     - `request_id`: the `request_id` field of the original value, when it is a JSON object.
-    - `error_class`: the full name (`infra.errors.InvalidMessage`) or the last part
+    - `error_class`: the full name (`imagegen.schemas.errors.InvalidMessage`) or the last part
       (`InvalidMessage`).
     - `since` (inclusive) and `until` (exclusive) bound `failed_at`; both need a timezone.
     - `partition`, `from_offset`, `to_offset` (inclusive) are DLQ coordinates: the offset

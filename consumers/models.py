@@ -28,8 +28,8 @@ from diffusers import (
 from pydantic import TypeAdapter, ValidationError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from infra.errors import ConfigError, ImagegenError
-from schemas.fields import ModelName
+from imagegen.schemas.errors import ConfigError, ImagegenError
+from imagegen.schemas.fields import ModelName
 
 BUILTIN_MODELS = ("tiny", "sd15-random")
 _SOURCE_HELP = (

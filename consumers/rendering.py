@@ -11,8 +11,8 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image, features
 
-from infra.errors import ConfigError, ImagegenError
-from schemas.requests import GenerationRequest
+from imagegen.schemas.errors import ConfigError, ImagegenError
+from imagegen.schemas.requests import GenerationRequest
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 

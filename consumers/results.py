@@ -21,11 +21,11 @@ from typing import Literal, Self
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from infra.errors import ImagegenError, InvalidMessage
-from infra.kafka import consume_available, make_consumer
-from infra.settings import Settings
-from infra.topics import RESULTS
-from schemas import GenerationResult, decode
+from imagegen.infra.kafka import consume_available, make_consumer
+from imagegen.infra.settings import Settings
+from imagegen.schemas import GenerationResult, decode
+from imagegen.schemas.errors import ImagegenError, InvalidMessage
+from imagegen.schemas.topics import RESULTS
 
 Start = Literal["beginning", "end"]
 

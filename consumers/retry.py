@@ -9,8 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from infra.errors import ImagegenError
-from infra.metrics import RETRIES
+from imagegen.infra.metrics import RETRIES
+from imagegen.schemas.errors import ImagegenError
 
 log = logging.getLogger(__name__)
 

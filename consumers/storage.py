@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from infra.errors import ObjectStoreError
-from infra.object_store import ObjectStore
-from schemas import GenerationRequest
+from imagegen.infra.object_store import ObjectStore
+from imagegen.schemas import GenerationRequest
+from imagegen.schemas.errors import ObjectStoreError
 
 _EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 

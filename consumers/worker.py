@@ -8,7 +8,7 @@ Threads, and what each one owns:
 - a check pool looks every new request up in the object store: an image that an earlier
   attempt stored (and crashed before committing) is published again without rendering. It
   also reads what worker processes that died rendering the request left
-  (`consumers.crashes`): such a request renders alone, and fails without rendering once
+  (`imagegen.consumers.crashes`): such a request renders alone, and fails without rendering once
   too many died rendering it alone.
 - the render thread batches compatible requests and runs the pipeline, holding a crash mark
   per request meanwhile, and nothing else, so the device waits only for batching.
@@ -17,7 +17,7 @@ Threads, and what each one owns:
 - on SIGTERM, a drain thread waits for that work to finish while the poll loop keeps
   polling, so that the consumer stays in its group until the final commit.
 
-Observability: each request gets a span (`infra.tracing`) from the moment it is accepted
+Observability: each request gets a span (`imagegen.infra.tracing`) from the moment it is accepted
 until its result is published, as the child of the trace context in its headers; the
 result carries that span's `traceparent`, and a dead letter keeps the original headers, so
 a replay continues the original trace. Every log line about a request carries its
@@ -49,17 +49,22 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from PIL import Image
 
-from consumers.batching import Batcher
-from consumers.crashes import Crashes, CrashLedger, Record, RenderKilledWorkers
-from consumers.models import UnknownModel
-from consumers.offsets import OffsetTracker
-from consumers.rendering import Renderer, batch_key, encode_image, seed_for
-from consumers.retry import GaveUp, Interrupted, RetryPolicy, is_transient, retrying
-from consumers.storage import StoredImage, find, object_key, store_once
-from infra.errors import WorkerCrashed
-from infra.kafka import check_broker, consume_available, make_admin, make_consumer, make_producer
-from infra.logs import log_context
-from infra.metrics import (
+from imagegen.consumers.batching import Batcher
+from imagegen.consumers.crashes import Crashes, CrashLedger, Record, RenderKilledWorkers
+from imagegen.consumers.models import UnknownModel
+from imagegen.consumers.offsets import OffsetTracker
+from imagegen.consumers.rendering import Renderer, batch_key, encode_image, seed_for
+from imagegen.consumers.retry import GaveUp, Interrupted, RetryPolicy, is_transient, retrying
+from imagegen.consumers.storage import StoredImage, find, object_key, store_once
+from imagegen.infra.kafka import (
+    check_broker,
+    consume_available,
+    make_admin,
+    make_consumer,
+    make_producer,
+)
+from imagegen.infra.logs import log_context
+from imagegen.infra.metrics import (
     DLQ_RECORDS,
     ENCODE_SECONDS,
     IN_FLIGHT,
@@ -70,12 +75,11 @@ from infra.metrics import (
     UPLOAD_SECONDS,
     observe_gpu_memory,
 )
-from infra.object_store import ObjectStore
-from infra.settings import Settings
-from infra.topics import DLQ, RENDER, RESULTS, ensure_topics
-from infra.tracing import Span, start_span
-from processors.app import ADMITTED_AT_HEADER
-from schemas import (
+from imagegen.infra.object_store import ObjectStore
+from imagegen.infra.settings import Settings
+from imagegen.infra.topics import ensure_topics
+from imagegen.infra.tracing import Span, start_span
+from imagegen.schemas import (
     DeadLetter,
     GenerationRequest,
     GenerationResult,
@@ -86,9 +90,10 @@ from schemas import (
     decode,
     encode,
 )
-from schemas.fields import utc_now
-
-GROUP_ID = "imagegen-workers"
+from imagegen.schemas.errors import WorkerCrashed
+from imagegen.schemas.fields import utc_now
+from imagegen.schemas.headers import ADMITTED_AT_HEADER
+from imagegen.schemas.topics import DLQ, RENDER, RESULTS, WORKER_GROUP
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +141,7 @@ class RenderWorker:
         self._producer = make_producer(settings)
         self._consumer: Consumer = make_consumer(
             settings,
-            GROUP_ID,
+            WORKER_GROUP,
             # The poll loop never blocks on work, so a short interval costs nothing, and
             # some brokers (Tansu) hold a group's first join for half of it.
             **{"max.poll.interval.ms": max(settings.kafka_session_timeout_ms, 1000)},
@@ -592,7 +597,7 @@ class RenderWorker:
             value=message.value(),
             headers=message.headers(),
             attempts=attempts,
-            group=GROUP_ID,
+            group=WORKER_GROUP,
         )
         generation = job.generation if job is not None else self._generation
 

@@ -19,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.errors import ImagegenError, StackError
-from infra.kafka import check_broker
-from infra.object_store import ObjectStore
-from infra.provision import provision
-from infra.settings import Settings, split_host_port
+from imagegen.infra.kafka import check_broker
+from imagegen.infra.object_store import ObjectStore
+from imagegen.infra.provision import provision
+from imagegen.infra.settings import Settings, split_host_port
+from imagegen.schemas.errors import ImagegenError, StackError
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
 # Tansu listens on IPv4 only, so clients must be told 127.0.0.1, never "localhost".

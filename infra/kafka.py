@@ -25,8 +25,8 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from infra.errors import BrokerUnavailable
-from infra.settings import Settings, split_host_port
+from imagegen.infra.settings import Settings, split_host_port
+from imagegen.schemas.errors import BrokerUnavailable
 
 # librdkafka logs through Python logging, so its output follows the process's log settings.
 _librdkafka_log = logging.getLogger("imagegen.librdkafka")

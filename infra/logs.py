@@ -35,8 +35,8 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, get_args
 
-from infra.errors import ConfigError
-from infra.settings import LogLevel, Settings
+from imagegen.infra.settings import LogLevel, Settings
+from imagegen.schemas.errors import ConfigError
 
 CONTEXT_FIELDS = (
     "request_id",

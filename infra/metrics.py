@@ -24,9 +24,9 @@ from wsgiref.simple_server import WSGIServer
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from infra.errors import BrokerUnavailable, ConfigError
-from infra.kafka import EndOffsets, make_consumer
-from infra.settings import Settings
+from imagegen.infra.kafka import EndOffsets, make_consumer
+from imagegen.infra.settings import Settings
+from imagegen.schemas.errors import BrokerUnavailable, ConfigError
 
 if TYPE_CHECKING:
     import torch

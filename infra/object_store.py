@@ -20,8 +20,8 @@ from minio import Minio
 from minio.error import MinioException, S3Error
 from urllib3.exceptions import HTTPError
 
-from infra.errors import ObjectStoreError, ObjectStoreUnavailable
-from infra.settings import Settings
+from imagegen.infra.settings import Settings
+from imagegen.schemas.errors import ObjectStoreError, ObjectStoreUnavailable
 
 _PUT_URL_TTL = timedelta(minutes=5)
 

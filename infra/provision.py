@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from infra.kafka import check_broker, make_admin
-from infra.object_store import ObjectStore
-from infra.settings import Settings
-from infra.topics import ensure_topics
+from imagegen.infra.kafka import check_broker, make_admin
+from imagegen.infra.object_store import ObjectStore
+from imagegen.infra.settings import Settings
+from imagegen.infra.topics import ensure_topics
 
 
 def provision(settings: Settings, progress: Callable[[str], None] = print) -> None:

@@ -12,15 +12,11 @@ from dataclasses import dataclass, field
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from infra.errors import BrokerUnavailable
-from infra.settings import Settings
+from imagegen.infra.settings import Settings
+from imagegen.schemas.errors import BrokerUnavailable
+from imagegen.schemas.topics import DLQ, RENDER, REQUESTS, RESULTS
 
 DAY_MS = 24 * 60 * 60 * 1000
-
-REQUESTS = "imagegen.requests"
-RENDER = "imagegen.render"
-RESULTS = "imagegen.results"
-DLQ = "imagegen.dlq"
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
 
+from imagegen.schemas.headers import TRACEPARENT, TRACESTATE
+
 try:
     from opentelemetry import trace as _otel
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -35,8 +37,6 @@ except ImportError:  # the tracing extra is not installed: pass trace context th
     _otel = None
     _propagator = None
 
-TRACEPARENT = "traceparent"
-TRACESTATE = "tracestate"
 
 Headers = list[tuple[str, bytes]]
 #: Kafka headers as confluent-kafka (a list of pairs) or faust (a mapping) hand them over.

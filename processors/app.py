@@ -29,9 +29,9 @@ from typing import Any
 import faust
 from faust.types import EventT, StreamT
 
-from infra.kafka import check_broker, make_admin
-from infra.logs import logging_config
-from infra.metrics import (
+from imagegen.infra.kafka import check_broker, make_admin
+from imagegen.infra.logs import logging_config
+from imagegen.infra.metrics import (
     DLQ_RECORDS,
     INTAKE_REQUESTS,
     RECORDS_CONSUMED,
@@ -39,17 +39,16 @@ from infra.metrics import (
     LagMonitor,
     serve,
 )
-from infra.settings import Settings
-from infra.topics import DLQ, RENDER, REQUESTS, RESULTS, ensure_topics
-from infra.tracing import TRACEPARENT, TRACESTATE, Span, start_span, trace_headers
-from processors.faust_app import App
-from processors.intake import Admit, Answer, Drop, Intake, Invalid, Outcome, StageFailed
-from processors.state import WriteBehind
-from schemas import DeadLetter, Stage, Status, encode
-from schemas.dead_letters import REPLAY_HEADER
+from imagegen.infra.settings import Settings
+from imagegen.infra.topics import ensure_topics
+from imagegen.infra.tracing import Span, start_span, trace_headers
+from imagegen.processors.faust_app import App
+from imagegen.processors.intake import Admit, Answer, Drop, Intake, Invalid, Outcome, StageFailed
+from imagegen.processors.state import WriteBehind
+from imagegen.schemas import DeadLetter, Stage, Status, encode
+from imagegen.schemas.headers import ADMITTED_AT_HEADER, REPLAY_HEADER, TRACEPARENT, TRACESTATE
+from imagegen.schemas.topics import DLQ, PROCESSOR_GROUP, RENDER, REQUESTS, RESULTS
 
-APP_ID = "imagegen-processor"
-ADMITTED_AT_HEADER = "imagegen.admitted_at_ms"
 # A batch closes at BATCH_MAX records or BATCH_WITHIN_S after its first, whichever is first:
 # big enough to amortise a broker round trip, short enough to add no noticeable latency.
 BATCH_MAX = 500
@@ -208,7 +207,7 @@ class IntakeProcessor:
             value=event.value,
             headers=_headers(event),
             attempts=1,
-            group=APP_ID,
+            group=PROCESSOR_GROUP,
         )
         where = {
             "topic": message.topic,
@@ -263,7 +262,11 @@ class IntakeProcessor:
         # lowers the root logger to DEBUG to feed it: every debug call then builds a record.
         worker.spinner = None
         # Lag is only worth reading where something scrapes it.
-        lag = LagMonitor(settings, APP_ID, [REQUESTS]) if metrics is not None else nullcontext()
+        lag = (
+            LagMonitor(settings, PROCESSOR_GROUP, [REQUESTS])
+            if metrics is not None
+            else nullcontext()
+        )
         with lag:
             worker.execute_from_commandline()
 
@@ -271,7 +274,7 @@ class IntakeProcessor:
 def _make_app(settings: Settings, partitions: int, replication: int) -> faust.App:
     session_s = settings.kafka_session_timeout_ms / 1000
     return App(
-        APP_ID,
+        PROCESSOR_GROUP,
         settings=settings,
         broker=[f"kafka://{address.strip()}" for address in settings.kafka_bootstrap.split(",")],
         broker_credentials=_credentials(settings),

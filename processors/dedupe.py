@@ -7,8 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
-from processors.state import Store
-from schemas import GenerationRequest
+from imagegen.processors.state import Store
+from imagegen.schemas import GenerationRequest
 
 
 class Seen(Enum):

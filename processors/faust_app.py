@@ -15,7 +15,7 @@ fixed fetch wait made a setting (`IMAGEGEN_KAFKA_FETCH_WAIT_MS`).
 2. Table recovery reads each changelog to the end a fetch reports. faust asks ListOffsets
    where a changelog ends and stops reading there. Some Kafka-protocol brokers (Tansu 0.6.0,
    the embedded one) answer with an offset inside the last multi-record batch, and recovery
-   would then miss the newest table updates (see `infra.kafka.fetched_end_offsets`).
+   would then miss the newest table updates (see `imagegen.infra.kafka.fetched_end_offsets`).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from faust.types import TP, ConsumerT
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 
-from infra.kafka import fetched_end_offsets
-from infra.settings import Settings
+from imagegen.infra.kafka import fetched_end_offsets
+from imagegen.infra.settings import Settings
 
 
 class KeepBuffersOnResume(FlowControlEvent):

@@ -1,7 +1,7 @@
 """The intake decision for one record: validate, dedupe, rate limit, admit, in that order.
 
 `Intake.decide` is pure logic over two dict-like stores, the dedupe memory and the token
-buckets; the faust app (`processors.app`) passes its tables in and performs the outcome.
+buckets; the faust app (`imagegen.processors.app`) passes its tables in and performs the outcome.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ValidationError
 
-from infra.errors import InvalidMessage
-from infra.settings import Settings
-from processors.dedupe import Deduper, Seen
-from processors.ratelimit import RateLimiter
-from processors.state import Store
-from schemas import GenerationRequest, GenerationResult, Reason, Stage, Status, decode
-from schemas.fields import RequestId, UserId, utc_now
+from imagegen.infra.settings import Settings
+from imagegen.processors.dedupe import Deduper, Seen
+from imagegen.processors.ratelimit import RateLimiter
+from imagegen.processors.state import Store
+from imagegen.schemas import GenerationRequest, GenerationResult, Reason, Stage, Status, decode
+from imagegen.schemas.errors import InvalidMessage
+from imagegen.schemas.fields import RequestId, UserId, utc_now
 
 
 @dataclass(frozen=True)

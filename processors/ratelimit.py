@@ -14,8 +14,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from infra.settings import Settings
-from processors.state import Store
+from imagegen.infra.settings import Settings
+from imagegen.processors.state import Store
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Where the intake keeps its state: a batch's write-behind view of a faust table.
 
-The processor works through records in batches (see `processors.app`). Assigning to a faust
+The processor works through records in batches (see `imagegen.processors.app`). Assigning to a faust
 table writes the change to its changelog at once, through faust's per-record send
 machinery, which costs more than the intake decision itself; and a user's bucket and each
 partition's share of the global bucket would be written once per record. Through

@@ -1,5 +1,5 @@
 """The publishing client: validated requests onto `imagegen.requests`."""
 
-from producers.publisher import AsyncRequestPublisher, RequestPublisher
+from imagegen.producers.publisher import AsyncRequestPublisher, RequestPublisher
 
 __all__ = ["AsyncRequestPublisher", "RequestPublisher"]

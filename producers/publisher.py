@@ -8,7 +8,7 @@ the broker acknowledged the record (acks=all), raising a typed error otherwise:
 - `BrokerUnavailable`: no acknowledgement within the delivery timeout;
 - `PublishError`: the broker refused the record.
 
-Each publish is traced (`infra.tracing`): the record carries a W3C `traceparent` header
+Each publish is traced (`imagegen.infra.tracing`): the record carries a W3C `traceparent` header
 naming an `imagegen.publish` span, the child of the caller's current OpenTelemetry span or
 of the `traceparent` the caller passes. Without OpenTelemetry, a passed `traceparent` goes
 on the record unchanged, and without one the record has no trace header.
@@ -23,13 +23,14 @@ from typing import Any, Self
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from infra.errors import BrokerUnavailable, InvalidMessage, PublishError
-from infra.kafka import make_producer
-from infra.metrics import RECORDS_PRODUCED
-from infra.settings import Settings
-from infra.topics import REQUESTS
-from infra.tracing import TRACEPARENT, is_traceparent, start_span
-from schemas import GenerationRequest, encode
+from imagegen.infra.kafka import make_producer
+from imagegen.infra.metrics import RECORDS_PRODUCED
+from imagegen.infra.settings import Settings
+from imagegen.infra.tracing import is_traceparent, start_span
+from imagegen.schemas import GenerationRequest, encode
+from imagegen.schemas.errors import BrokerUnavailable, InvalidMessage, PublishError
+from imagegen.schemas.headers import TRACEPARENT
+from imagegen.schemas.topics import REQUESTS
 
 DEFAULT_DELIVERY_TIMEOUT_S = 10.0
 

@@ -3,11 +3,11 @@
 JSON Schema files generated from these models live in `schemas/json/` (`make schemas`).
 """
 
-from schemas.codec import MAX_MESSAGE_BYTES, build, decode, encode
-from schemas.dead_letters import DeadLetter, Stage
-from schemas.fields import SCHEMA_VERSION, new_request_id
-from schemas.requests import GenerationRequest, OutputFormat
-from schemas.results import GenerationResult, Reason, Status, Timings
+from imagegen.schemas.codec import MAX_MESSAGE_BYTES, build, decode, encode
+from imagegen.schemas.dead_letters import DeadLetter, Stage
+from imagegen.schemas.fields import SCHEMA_VERSION, new_request_id
+from imagegen.schemas.requests import GenerationRequest, OutputFormat
+from imagegen.schemas.results import GenerationResult, Reason, Status, Timings
 
 __all__ = [
     "MAX_MESSAGE_BYTES",

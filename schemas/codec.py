@@ -7,8 +7,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from infra.errors import InvalidMessage
-from schemas.fields import SCHEMA_VERSION
+from imagegen.schemas.errors import InvalidMessage
+from imagegen.schemas.fields import SCHEMA_VERSION
 
 Model = TypeVar("Model", bound=BaseModel)
 

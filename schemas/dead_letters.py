@@ -13,15 +13,12 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Self
 
-from infra.errors import InvalidMessage
-from schemas.fields import utc_now
+from imagegen.schemas.errors import InvalidMessage
+from imagegen.schemas.fields import utc_now
 
 Headers = list[tuple[str, bytes]]
 
 PREFIX = "dlq."
-#: On a message that `imagegen dlq replay` republished: "<dlq topic>/<partition>/<offset>" of
-#: the dead letter it came from.
-REPLAY_HEADER = "replay.of"
 #: The end of a stack trace holds the frames that matter; keep that end.
 MAX_STACKTRACE_CHARS = 8 * 1024
 MAX_MESSAGE_CHARS = 2 * 1024

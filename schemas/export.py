@@ -1,4 +1,4 @@
-"""Write the JSON Schema files of the wire contract: `python -m schemas.export`."""
+"""Write the JSON Schema files of the wire contract: `python -m imagegen.schemas.export`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from schemas.requests import GenerationRequest
-from schemas.results import GenerationResult
+from imagegen.schemas.requests import GenerationRequest
+from imagegen.schemas.results import GenerationResult
 
 JSON_DIR = Path(__file__).parent / "json"
 CONTRACTS: dict[str, type[BaseModel]] = {

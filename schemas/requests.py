@@ -6,8 +6,8 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.codec import build
-from schemas.fields import (
+from imagegen.schemas.codec import build
+from imagegen.schemas.fields import (
     SCHEMA_VERSION,
     IdempotencyKey,
     ImageSide,

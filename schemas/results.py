@@ -7,7 +7,7 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas.fields import SCHEMA_VERSION, ModelName, RequestId, Seed, UserId, UtcDatetime
+from imagegen.schemas.fields import SCHEMA_VERSION, ModelName, RequestId, Seed, UserId, UtcDatetime
 
 
 class Status(StrEnum):

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from infra.embedded import EMBEDDED_FETCH_WAIT_MS, EmbeddedStack
-from infra.provision import provision
-from infra.settings import Settings, as_environment, load_settings
+from imagegen.infra.embedded import EMBEDDED_FETCH_WAIT_MS, EmbeddedStack
+from imagegen.infra.provision import provision
+from imagegen.infra.settings import Settings, as_environment, load_settings
 from tests.helpers import free_port
 
 # Tansu holds a group's first join for half the session timeout: keep it short in tests.

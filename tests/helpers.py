@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
 
-from infra.kafka import make_consumer
-from infra.settings import Settings
-from infra.topics import RESULTS
-from schemas import GenerationResult, decode
+from imagegen.infra.kafka import make_consumer
+from imagegen.infra.settings import Settings
+from imagegen.schemas import GenerationResult, decode
+from imagegen.schemas.topics import RESULTS
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ class Service:
     def __init__(
         self, args: list[str], env: dict[str, str], log: Path, launcher: Path | None = None
     ) -> None:
-        """`launcher` is a script that runs the command line instead of `python -m infra`
+        """`launcher` is a script that runs the command line instead of `python -m imagegen`
         (to set the process up first)."""
         self.args = args
         self.env = env
@@ -24,7 +24,7 @@ class Service:
 
     def start(self) -> None:
         with self.log.open("ab") as out:
-            program = [str(self.launcher)] if self.launcher else ["-m", "infra"]
+            program = [str(self.launcher)] if self.launcher else ["-m", "imagegen"]
             self.process = subprocess.Popen(
                 [sys.executable, *program, *self.args],
                 env=self.env,

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from consumers.batching import ArrivalRate, Batcher
+from imagegen.consumers.batching import ArrivalRate, Batcher
 
 
 def test_a_steady_stream_is_measured_at_its_rate() -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from consumers.crashes import Crashes, CrashLedger, Record
-from infra.errors import ConfigError
+from imagegen.consumers.crashes import Crashes, CrashLedger, Record
+from imagegen.schemas.errors import ConfigError
 
 RECORD = Record("imagegen.render", 3, 41, "01JD3Z5K8Q6W2X9Y7V4T1R0P0M")
 OTHER = Record("imagegen.render", 3, 42, "01JD3Z5K8Q6W2X9Y7V4T1R0P0N")

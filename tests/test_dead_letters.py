@@ -7,12 +7,12 @@ import uuid
 import pytest
 from confluent_kafka import TopicPartition
 
-from infra.errors import InvalidMessage
-from infra.kafka import make_consumer, make_producer
-from infra.settings import Settings
-from infra.topics import DLQ
-from schemas import DeadLetter, Stage
-from schemas.dead_letters import MAX_STACKTRACE_CHARS
+from imagegen.infra.kafka import make_consumer, make_producer
+from imagegen.infra.settings import Settings
+from imagegen.schemas import DeadLetter, Stage
+from imagegen.schemas.dead_letters import MAX_STACKTRACE_CHARS
+from imagegen.schemas.errors import InvalidMessage
+from imagegen.schemas.topics import DLQ
 
 
 def failure(causes: int = 0) -> BaseException:

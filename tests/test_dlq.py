@@ -13,12 +13,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from confluent_kafka import Message
 
-from consumers.dlq import REPLAY_HEADER, Entry, Filters, read_dlq, replay
-from infra.errors import ImagegenError, InvalidMessage, ObjectStoreUnavailable
-from infra.kafka import make_producer
-from infra.settings import Settings
-from infra.topics import DLQ, RENDER, REQUESTS
-from schemas import DeadLetter, Stage
+from imagegen.consumers.dlq import Entry, Filters, read_dlq, replay
+from imagegen.infra.kafka import make_producer
+from imagegen.infra.settings import Settings
+from imagegen.schemas import DeadLetter, Stage
+from imagegen.schemas.errors import ImagegenError, InvalidMessage, ObjectStoreUnavailable
+from imagegen.schemas.headers import REPLAY_HEADER
+from imagegen.schemas.topics import DLQ, RENDER, REQUESTS
 from tests.conftest import settings_env
 from tests.helpers import read_topic
 
@@ -165,7 +166,7 @@ def imagegen(
 ) -> subprocess.CompletedProcess[str]:
     env = {**settings_env(settings), "COLUMNS": "250"}
     return subprocess.run(
-        [sys.executable, "-m", "infra", "dlq", *args],
+        [sys.executable, "-m", "imagegen", "dlq", *args],
         env=env,
         stdin=stdin,
         capture_output=True,
@@ -201,7 +202,7 @@ def test_list_shows_every_entry_with_its_context(
     for shown in (
         "2026-03-01 12:00:00",
         "validate",
-        "infra.errors.InvalidMessage",
+        "imagegen.schemas.errors.InvalidMessage",
         "steps: must be at most 100",
         f"{REQUESTS}/4/1234",
         R1,

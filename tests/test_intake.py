@@ -10,10 +10,10 @@ import json
 
 import pytest
 
-from infra.settings import load_settings
-from processors.dedupe import Deduper
-from processors.intake import Admit, Answer, Drop, Intake, Invalid
-from schemas import GenerationRequest, Reason, Status, encode
+from imagegen.infra.settings import load_settings
+from imagegen.processors.dedupe import Deduper
+from imagegen.processors.intake import Admit, Answer, Drop, Intake, Invalid
+from imagegen.schemas import GenerationRequest, Reason, Status, encode
 
 
 class Clock:

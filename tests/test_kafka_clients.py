@@ -9,10 +9,10 @@ import pytest
 from confluent_kafka import Consumer, Message
 from confluent_kafka.admin import NewTopic
 
-from infra.errors import BrokerUnavailable
-from infra.kafka import check_broker, make_admin, make_consumer, make_producer
-from infra.settings import Settings, load_settings
-from infra.topics import TOPICS, ensure_topics
+from imagegen.infra.kafka import check_broker, make_admin, make_consumer, make_producer
+from imagegen.infra.settings import Settings, load_settings
+from imagegen.infra.topics import TOPICS, ensure_topics
+from imagegen.schemas.errors import BrokerUnavailable
 from tests.helpers import free_port
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from consumers import models
-from consumers.models import (
+from imagegen.consumers import models
+from imagegen.consumers.models import (
     ModelRegistry,
     UnknownModel,
     load_pipeline,
@@ -20,7 +20,7 @@ from consumers.models import (
     resolve_dtype,
     tiny_dir,
 )
-from infra.errors import ConfigError
+from imagegen.schemas.errors import ConfigError
 
 CPU = torch.device("cpu")
 

@@ -7,9 +7,9 @@ import uuid
 import pytest
 import urllib3
 
-from infra.errors import ObjectStoreUnavailable
-from infra.object_store import ObjectStore
-from infra.settings import Settings, load_settings
+from imagegen.infra.object_store import ObjectStore
+from imagegen.infra.settings import Settings, load_settings
+from imagegen.schemas.errors import ObjectStoreUnavailable
 from tests.helpers import free_port
 
 

@@ -19,16 +19,15 @@ from confluent_kafka import TopicPartition
 from confluent_kafka.admin import NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumers.worker import GROUP_ID
-from infra import tracing
-from infra.errors import ConfigError, InvalidMessage
-from infra.kafka import EndOffsets, make_admin, make_consumer, make_producer
-from infra.logs import configure_logging, log_context, logging_config
-from infra.metrics import group_lag, observe_gpu_memory, serve
-from infra.settings import Settings, load_settings
-from infra.topics import DLQ, RENDER, REQUESTS, RESULTS
-from producers import RequestPublisher
-from schemas import GenerationRequest, GenerationResult, Status, decode, encode
+from imagegen.infra import tracing
+from imagegen.infra.kafka import EndOffsets, make_admin, make_consumer, make_producer
+from imagegen.infra.logs import configure_logging, log_context, logging_config
+from imagegen.infra.metrics import group_lag, observe_gpu_memory, serve
+from imagegen.infra.settings import Settings, load_settings
+from imagegen.producers import RequestPublisher
+from imagegen.schemas import GenerationRequest, GenerationResult, Status, decode, encode
+from imagegen.schemas.errors import ConfigError, InvalidMessage
+from imagegen.schemas.topics import DLQ, RENDER, REQUESTS, RESULTS, WORKER_GROUP
 from tests.conftest import settings_env
 from tests.helpers import free_port, read_topic
 from tests.processes import Service
@@ -50,7 +49,7 @@ provider.add_span_processor(SimpleSpanProcessor(
     ConsoleSpanExporter(out=spans, formatter=lambda span: span.to_json(indent=None) + "\\n")
 ))
 trace.set_tracer_provider(provider)
-from infra.cli import main
+from imagegen.cli.app import main
 main()
 """
 
@@ -65,7 +64,7 @@ class NoOpenTelemetry:
         return None
 
 sys.meta_path.insert(0, NoOpenTelemetry())
-from infra.cli import main
+from imagegen.cli.app import main
 main()
 """
 
@@ -149,7 +148,7 @@ def test_a_metrics_port_in_use_names_the_setting_to_change(tmp_path) -> None:
         # The worker fails at once, before loading any model.
         env = {**settings_env(load_settings()), "IMAGEGEN_METRICS_HOST": "127.0.0.1"}
         done = subprocess.run(
-            [sys.executable, "-m", "infra", "worker", "--metrics-port", str(port)],
+            [sys.executable, "-m", "imagegen", "worker", "--metrics-port", str(port)],
             env=env,
             capture_output=True,
             text=True,
@@ -370,7 +369,7 @@ def test_a_traced_request_is_measured_and_logged_from_client_to_result(
     assert metrics[("imagegen_encode_seconds_count", ())] == 3
     assert metrics[("imagegen_upload_seconds_count", ())] == 3
     lags = {labels: v for (name, labels), v in metrics.items() if name == "imagegen_consumer_lag"}
-    assert {dict(labels)["group"] for labels in lags} == {GROUP_ID}
+    assert {dict(labels)["group"] for labels in lags} == {WORKER_GROUP}
     assert all(0 <= lag <= 4 for lag in lags.values())
     assert not any(name.startswith("imagegen_gpu_") for name, _ in metrics)  # no CUDA here
 

@@ -14,13 +14,11 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from infra.kafka import make_consumer, make_producer
-from infra.settings import Settings
-from infra.topics import DLQ, RENDER, REQUESTS, RESULTS
-from processors.app import ADMITTED_AT_HEADER
-from processors.dedupe import dedupe_key
-from producers import RequestPublisher
-from schemas import (
+from imagegen.infra.kafka import make_consumer, make_producer
+from imagegen.infra.settings import Settings
+from imagegen.processors.dedupe import dedupe_key
+from imagegen.producers import RequestPublisher
+from imagegen.schemas import (
     DeadLetter,
     GenerationRequest,
     GenerationResult,
@@ -30,6 +28,8 @@ from schemas import (
     decode,
     encode,
 )
+from imagegen.schemas.headers import ADMITTED_AT_HEADER
+from imagegen.schemas.topics import DLQ, RENDER, REQUESTS, RESULTS
 from tests.conftest import settings_env
 from tests.helpers import read_topic, results_for
 from tests.processes import Service
@@ -278,7 +278,7 @@ def test_bad_input_of_every_kind_is_dead_lettered(processor_factory, isolated_st
         assert letter.stage is Stage.VALIDATE
         assert letter.original_topic == REQUESTS
         assert ("origin", b"test") in letter.original_headers
-        assert letter.error_class == "infra.errors.InvalidMessage"
+        assert letter.error_class == "imagegen.schemas.errors.InvalidMessage"
     answered = results_for(isolated_stack, {wrong_version["request_id"]})
     rejection = answered[wrong_version["request_id"]][0]
     assert (rejection.status, rejection.reason) == (Status.REJECTED, Reason.INVALID_REQUEST)

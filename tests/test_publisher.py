@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from infra.errors import BrokerUnavailable, InvalidMessage
-from infra.settings import Settings, load_settings
-from infra.topics import REQUESTS
-from producers import AsyncRequestPublisher, RequestPublisher
-from schemas import GenerationRequest, decode
+from imagegen.infra.settings import Settings, load_settings
+from imagegen.producers import AsyncRequestPublisher, RequestPublisher
+from imagegen.schemas import GenerationRequest, decode
+from imagegen.schemas.errors import BrokerUnavailable, InvalidMessage
+from imagegen.schemas.topics import REQUESTS
 from tests.conftest import settings_env
 from tests.helpers import free_port, read_topic
 
@@ -88,7 +88,7 @@ def test_async_unreachable_broker_times_out() -> None:
 
 def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "infra", *args],
+        [sys.executable, "-m", "imagegen", *args],
         env=settings_env(settings),
         capture_output=True,
         text=True,

@@ -12,8 +12,8 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from consumers.models import load_pipeline
-from consumers.rendering import (
+from imagegen.consumers.models import load_pipeline
+from imagegen.consumers.rendering import (
     BatchKey,
     Renderer,
     RenderFailed,
@@ -22,7 +22,7 @@ from consumers.rendering import (
     encode_image,
     seed_for,
 )
-from schemas.requests import GenerationRequest
+from imagegen.schemas.requests import GenerationRequest
 
 CPU = torch.device("cpu")
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from consumers.results import ResultSubscriber, ResultTimeout
-from infra.kafka import make_producer
-from infra.settings import Settings
-from infra.topics import RESULTS
-from schemas import GenerationResult, Reason, Status, encode, new_request_id
-from schemas.fields import utc_now
+from imagegen.consumers.results import ResultSubscriber, ResultTimeout
+from imagegen.infra.kafka import make_producer
+from imagegen.infra.settings import Settings
+from imagegen.schemas import GenerationResult, Reason, Status, encode, new_request_id
+from imagegen.schemas.fields import utc_now
+from imagegen.schemas.topics import RESULTS
 from tests.conftest import settings_env
 from tests.processes import Service
 
@@ -79,7 +79,7 @@ def test_reading_from_the_beginning_stops_when_caught_up(settings: Settings) -> 
 
 def imagegen(stack: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "infra", *args],
+        [sys.executable, "-m", "imagegen", *args],
         env=settings_env(stack),
         capture_output=True,
         text=True,

@@ -11,8 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from infra.errors import InvalidMessage
-from schemas import (
+from imagegen.schemas import (
     MAX_MESSAGE_BYTES,
     GenerationRequest,
     GenerationResult,
@@ -22,7 +21,8 @@ from schemas import (
     decode,
     encode,
 )
-from schemas.export import CONTRACTS, JSON_DIR, render
+from imagegen.schemas.errors import InvalidMessage
+from imagegen.schemas.export import CONTRACTS, JSON_DIR, render
 
 REQUEST_SCHEMA = json.loads((JSON_DIR / "generation_request.v1.json").read_text())
 

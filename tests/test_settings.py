@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from infra.errors import ConfigError
-from infra.settings import as_environment, load_settings
+from imagegen.infra.settings import as_environment, load_settings
+from imagegen.schemas.errors import ConfigError
 
 
 def test_defaults_point_at_the_local_stack(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from infra.settings import Settings
+from imagegen.infra.settings import Settings
 from tests.helpers import free_port
 
-IMAGEGEN = [sys.executable, "-m", "infra"]
+IMAGEGEN = [sys.executable, "-m", "imagegen"]
 
 
 def imagegen(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

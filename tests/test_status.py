@@ -14,9 +14,9 @@ import yaml
 from confluent_kafka import TopicPartition
 from prometheus_client import start_http_server
 
-from infra.kafka import make_consumer, make_producer
-from infra.settings import Settings
-from infra.topics import DLQ, RENDER, REQUESTS
+from imagegen.infra.kafka import make_consumer, make_producer
+from imagegen.infra.settings import Settings
+from imagegen.schemas.topics import DLQ, RENDER, REQUESTS
 from tests.conftest import settings_env
 from tests.helpers import free_port
 
@@ -26,7 +26,7 @@ DASHBOARD = INFRA / "grafana" / "dashboards" / "imagegen.json"
 
 def imagegen_status(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "infra", "status", *args],
+        [sys.executable, "-m", "imagegen", "status", *args],
         env={**env, "COLUMNS": "200"},
         capture_output=True,
         text=True,

@@ -17,15 +17,13 @@ import torch
 from confluent_kafka import TopicPartition
 from PIL import Image
 
-from consumers.dlq import Filters, read_dlq, replay
-from consumers.storage import object_key
-from consumers.worker import GROUP_ID, RenderWorker, WorkerOptions
-from infra.errors import WorkerCrashed
-from infra.kafka import make_consumer, make_producer
-from infra.object_store import ObjectStore
-from infra.settings import Settings
-from infra.topics import DLQ, RENDER, RESULTS
-from schemas import (
+from imagegen.consumers.dlq import Filters, read_dlq, replay
+from imagegen.consumers.storage import object_key
+from imagegen.consumers.worker import RenderWorker, WorkerOptions
+from imagegen.infra.kafka import make_consumer, make_producer
+from imagegen.infra.object_store import ObjectStore
+from imagegen.infra.settings import Settings
+from imagegen.schemas import (
     DeadLetter,
     GenerationRequest,
     GenerationResult,
@@ -35,6 +33,8 @@ from schemas import (
     decode,
     encode,
 )
+from imagegen.schemas.errors import WorkerCrashed
+from imagegen.schemas.topics import DLQ, RENDER, RESULTS, WORKER_GROUP
 from tests.conftest import settings_env
 from tests.helpers import read_topic, results_for
 from tests.processes import Service
@@ -200,7 +200,7 @@ KILLING_LAUNCHER = """\
 import os
 import signal
 
-from consumers.rendering import Renderer
+from imagegen.consumers.rendering import Renderer
 
 render = Renderer.render
 
@@ -212,7 +212,7 @@ def render_or_die(self, requests):
 
 
 Renderer.render = render_or_die
-from infra.cli import main
+from imagegen.cli.app import main
 main()
 """
 
@@ -268,7 +268,7 @@ def test_sigterm_finishes_in_flight_work_and_commits_it(worker_factory, isolated
 
     # What was committed was finished: every request below its partition's committed
     # offset has its result.
-    consumer = make_consumer(isolated_stack, group_id=GROUP_ID)
+    consumer = make_consumer(isolated_stack, group_id=WORKER_GROUP)
     committed = {
         tp.partition: tp.offset
         for tp in consumer.committed([TopicPartition(RENDER, p) for p in range(6)], timeout=10)
@@ -300,7 +300,7 @@ def test_sigterm_during_a_render_longer_than_the_poll_interval_still_commits(
     (result, *_) = results_for(isolated_stack, {slow.request_id}, timeout_s=30)[slow.request_id]
     assert result.status is Status.SUCCEEDED
     assert result.timings.render_ms > 2500, "too fast to outlast the poll interval: add steps"
-    consumer = make_consumer(isolated_stack, group_id=GROUP_ID)
+    consumer = make_consumer(isolated_stack, group_id=WORKER_GROUP)
     committed = consumer.committed([TopicPartition(RENDER, p) for p in range(6)], timeout=10)
     consumer.close()
     assert sum(max(tp.offset, 0) for tp in committed) == 1, worker.log.read_text()[-3000:]
@@ -377,7 +377,7 @@ def test_a_crashed_render_thread_stops_the_worker_and_commits_nothing(isolated_s
     worker = RenderWorker(isolated_stack, {"tiny": ImagelessRenderer()}, WorkerOptions())
     with pytest.raises(WorkerCrashed, match="render thread crashed"):
         worker.run()
-    consumer = make_consumer(isolated_stack, GROUP_ID)
+    consumer = make_consumer(isolated_stack, WORKER_GROUP)
     partitions = [TopicPartition(RENDER, p) for p in range(6)]
     assert all(tp.offset < 0 for tp in consumer.committed(partitions, timeout=10))
     consumer.close()

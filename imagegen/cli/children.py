@@ -25,7 +25,7 @@ def imagegen_child(
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "infra", *args],
+            [sys.executable, "-m", "imagegen", *args],
             env=dict(env),
             stdout=out,
             stderr=subprocess.STDOUT,

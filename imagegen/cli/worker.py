@@ -11,11 +11,12 @@ from typing import Annotated
 
 import typer
 
-from infra.logs import configure_logging
-from infra.metrics import LagMonitor, serve
-from infra.options import LogLevel, WorkerMetricsPort
-from infra.settings import load_settings
-from infra.topics import RENDER
+from imagegen.cli.extras import require_extras
+from imagegen.cli.options import LogLevel, WorkerMetricsPort
+from imagegen.infra.logs import configure_logging
+from imagegen.infra.metrics import LagMonitor, serve
+from imagegen.infra.settings import load_settings
+from imagegen.schemas.topics import RENDER
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def worker(
     metrics_port: WorkerMetricsPort = None,
 ) -> None:
     """Render requests from imagegen.render, store the images, publish the results."""
+    require_extras("worker", "worker")
     settings = load_settings()
     configure_logging(settings, log_level)
     # Before the slow model load, so that a taken port fails at once.
@@ -81,9 +83,10 @@ def worker(
 
     import torch
 
-    from consumers.models import ModelRegistry, resolve_device, resolve_dtype
-    from consumers.rendering import Renderer
-    from consumers.worker import GROUP_ID, RenderWorker, WorkerOptions
+    from imagegen.consumers.models import ModelRegistry, resolve_device, resolve_dtype
+    from imagegen.consumers.rendering import Renderer
+    from imagegen.consumers.worker import RenderWorker, WorkerOptions
+    from imagegen.schemas.topics import WORKER_GROUP
 
     if cpu_threads is not None:
         # A render waits for the slowest of its threads, so one thread preempted by another
@@ -111,6 +114,6 @@ def worker(
     )
     render_worker = RenderWorker(settings, renderers, options)
     # Lag is only worth reading where something scrapes it.
-    lag = LagMonitor(settings, GROUP_ID, [RENDER]) if metrics is not None else nullcontext()
+    lag = LagMonitor(settings, WORKER_GROUP, [RENDER]) if metrics is not None else nullcontext()
     with lag:
         render_worker.run()

@@ -2,7 +2,7 @@
 
 Record counts are a partition's end minus its low watermark, and a group's lag is the end
 minus the group's committed offset. The end is the one a fetch reports
-(`infra.kafka.fetched_end_offsets`): Tansu 0.6.0, the embedded broker, answers ListOffsets
+(`imagegen.infra.kafka.fetched_end_offsets`): Tansu 0.6.0, the embedded broker, answers ListOffsets
 with an offset inside a partition's last multi-record batch. A group's state and members are
 shown as the broker reports them; Tansu says STABLE with no members while members run.
 
@@ -26,17 +26,15 @@ from rich.markup import escape
 from rich.table import Table
 from urllib3.exceptions import HTTPError
 
-from infra.errors import BrokerUnavailable, ImagegenError
-from infra.kafka import check_broker, fetched_end_offsets, make_admin, make_consumer
-from infra.object_store import ObjectStore
-from infra.settings import Settings, load_settings
-from infra.topics import DLQ, RENDER, REQUESTS, TOPICS
+from imagegen.infra.kafka import check_broker, fetched_end_offsets, make_admin, make_consumer
+from imagegen.infra.object_store import ObjectStore
+from imagegen.infra.settings import Settings, load_settings
+from imagegen.infra.topics import TOPICS
+from imagegen.schemas.errors import BrokerUnavailable, ImagegenError
+from imagegen.schemas.topics import DLQ, PROCESSOR_GROUP, RENDER, REQUESTS, WORKER_GROUP
 
 # The groups the pipeline's own consumers join, and the topic each one reads, so that a
-# group that has committed nothing yet still shows the backlog waiting for it. The names
-# are repeated here because importing them would import faust and the worker's torch.
-PROCESSOR_GROUP = "imagegen-processor"
-WORKER_GROUP = "imagegen-workers"
+# group that has committed nothing yet still shows the backlog waiting for it.
 PIPELINE_GROUPS = {PROCESSOR_GROUP: REQUESTS, WORKER_GROUP: RENDER}
 
 # Only reads watermarks: it never subscribes, so it never joins or commits.

@@ -21,16 +21,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from consumers.results import ResultSubscriber
-from infra.children import imagegen_child
-from infra.embedded import EMBEDDED_FETCH_WAIT_MS, EmbeddedStack
-from infra.errors import ImagegenError
-from infra.kafka import check_broker
-from infra.object_store import ObjectStore
-from infra.provision import provision
-from infra.settings import Settings
-from producers.publisher import RequestPublisher
-from schemas import GenerationRequest, GenerationResult, Status
+from imagegen.cli.children import imagegen_child
+from imagegen.consumers.results import ResultSubscriber
+from imagegen.infra.embedded import EMBEDDED_FETCH_WAIT_MS, EmbeddedStack
+from imagegen.infra.kafka import check_broker
+from imagegen.infra.object_store import ObjectStore
+from imagegen.infra.provision import provision
+from imagegen.infra.settings import Settings
+from imagegen.producers.publisher import RequestPublisher
+from imagegen.schemas import GenerationRequest, GenerationResult, Status
+from imagegen.schemas.errors import ImagegenError
 
 PROMPTS = (
     "a lighthouse on a cliff at dusk",

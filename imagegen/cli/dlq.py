@@ -13,11 +13,11 @@ from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
-from consumers.dlq import Entry, Filters, ReplaySummary, read_dlq, replay
-from infra.kafka import check_broker
-from infra.settings import load_settings
-from infra.topics import DLQ
-from schemas import Stage
+from imagegen.consumers.dlq import Entry, Filters, ReplaySummary, read_dlq, replay
+from imagegen.infra.kafka import check_broker
+from imagegen.infra.settings import load_settings
+from imagegen.schemas import Stage
+from imagegen.schemas.topics import DLQ
 
 console = Console(soft_wrap=True, highlight=False)
 dlq_app = typer.Typer(

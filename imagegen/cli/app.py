@@ -11,16 +11,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from consumers.cli import worker
-from consumers.dlq_cli import dlq_app
-from consumers.results_cli import fetch, results
-from infra.embedded import EMBEDDED_FETCH_WAIT_MS, EmbeddedStack
-from infra.errors import ImagegenError
-from infra.provision import provision
-from infra.settings import load_settings
-from infra.status import pipeline_status
-from processors.cli import processor
-from producers.cli import submit
+from imagegen.cli.dlq import dlq_app
+from imagegen.cli.extras import require_extras
+from imagegen.cli.processor import processor
+from imagegen.cli.results import fetch, results
+from imagegen.cli.status import pipeline_status
+from imagegen.cli.submit import submit
+from imagegen.cli.worker import worker
+from imagegen.infra.embedded import EMBEDDED_FETCH_WAIT_MS, EmbeddedStack
+from imagegen.infra.provision import provision
+from imagegen.infra.settings import load_settings
+from imagegen.schemas.errors import ImagegenError
 
 console = Console(soft_wrap=True)
 app = typer.Typer(
@@ -52,7 +53,8 @@ def demo(
     ),
 ) -> None:
     """Run the whole pipeline here: stack, processor, worker, requests, images in ./out/."""
-    from infra.demo import run_demo  # imports the worker's dependencies only when needed
+    require_extras("demo", "processor", "worker", "embedded")
+    from imagegen.cli.demo import run_demo  # imports the worker's dependencies only when needed
 
     run_demo(load_settings(), count, out, console)
 

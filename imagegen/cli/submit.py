@@ -7,12 +7,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from consumers.results import ResultSubscriber
-from infra.kafka import check_broker
-from infra.object_store import ObjectStore
-from infra.settings import Settings, load_settings
-from producers.publisher import RequestPublisher
-from schemas import GenerationRequest, GenerationResult, Status, encode
+from imagegen.consumers.results import ResultSubscriber
+from imagegen.infra.kafka import check_broker
+from imagegen.infra.object_store import ObjectStore
+from imagegen.infra.settings import Settings, load_settings
+from imagegen.producers.publisher import RequestPublisher
+from imagegen.schemas import GenerationRequest, GenerationResult, Status, encode
 
 console = Console(soft_wrap=True, highlight=False)
 

@@ -8,10 +8,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from consumers.results import ResultSubscriber
-from infra.object_store import ObjectStore
-from infra.settings import load_settings
-from schemas import GenerationResult, Status
+from imagegen.consumers.results import ResultSubscriber
+from imagegen.infra.object_store import ObjectStore
+from imagegen.infra.settings import load_settings
+from imagegen.schemas import GenerationResult, Status
 
 console = Console(soft_wrap=True, highlight=False)
 

@@ -1,0 +1,5 @@
+"""`python -m imagegen` runs the `imagegen` command line."""
+
+from imagegen.cli.app import main
+
+main()

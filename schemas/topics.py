@@ -1,0 +1,17 @@
+"""The addresses of the wire contract: topic names and the consumer groups that read them.
+
+Topic names are a public contract. Group ids are too: operators watch their lag, and the
+processor's id also names the changelog topics faust keeps its tables in. Partition counts
+and retention are deployment choices and live with the code that creates the topics
+(`imagegen.infra.topics`).
+"""
+
+REQUESTS = "imagegen.requests"
+RENDER = "imagegen.render"
+RESULTS = "imagegen.results"
+DLQ = "imagegen.dlq"
+
+#: The faust app id of the processor; it reads `REQUESTS`.
+PROCESSOR_GROUP = "imagegen-processor"
+#: The render workers' group; it reads `RENDER`.
+WORKER_GROUP = "imagegen-workers"
