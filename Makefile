@@ -1,19 +1,36 @@
 # `make test` and `make demo` work on a fresh clone: they create .venv on first use.
 # torch goes in first and pinned, so that the later install finds it satisfied instead of
-# pulling the newest build (several GB of CUDA packages) through diffusers.
+# pulling the newest build (several GB of CUDA packages) through diffusers. Everything else
+# comes pinned from requirements-dev.lock, so that a fresh clone installs what CI tested.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+LOCK := requirements-dev.lock
 
-.PHONY: demo test test-fast lint format schemas bench gpu-wheels clean
+.PHONY: demo test test-fast lint format schemas bench gpu-wheels lock clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $$(grep '^pip==' $(LOCK))
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e '.[embedded,dev]'
+	$(BIN)/python -m pip install --quiet --requirement $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --editable .
+	$(BIN)/python -m pip check
 	touch $@
+
+# Resolves pyproject.toml's ranges afresh in a scratch venv and pins the result.
+lock:
+	rm -rf build/lock-venv
+	$(PYTHON) -m venv build/lock-venv
+	build/lock-venv/bin/python -m pip install --quiet --upgrade pip
+	build/lock-venv/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	build/lock-venv/bin/python -m pip install --quiet --editable '.[embedded,dev]'
+	{ sed -n '/^#/p' $(LOCK); \
+	  build/lock-venv/bin/python -m pip freeze --all --exclude-editable | grep -v '^torch=='; \
+	} > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf build/lock-venv
 
 demo: $(BIN)/.installed
 	$(BIN)/imagegen demo

@@ -29,7 +29,14 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from imagegen.infra.kafka import make_admin, make_consumer, make_producer
+from imagegen.infra.kafka import (
+    ProduceHeaders,
+    consumed_headers,
+    make_admin,
+    make_consumer,
+    make_producer,
+    record_position,
+)
 from imagegen.infra.settings import Settings
 from imagegen.infra.topics import TOPICS
 from imagegen.schemas import DeadLetter, Stage
@@ -57,17 +64,16 @@ class Entry:
 
     @classmethod
     def from_message(cls, message: Message) -> Self:
+        _topic, partition, offset = record_position(message)
         kind, timestamp = message.timestamp()
-        where = {
-            "partition": message.partition(),
-            "offset": message.offset(),
-            "timestamp_ms": None if kind == TIMESTAMP_NOT_AVAILABLE else timestamp,
-        }
+        where = (partition, offset, None if kind == TIMESTAMP_NOT_AVAILABLE else timestamp)
         try:
-            letter = DeadLetter.from_kafka(message.key(), message.value(), message.headers())
+            letter = DeadLetter.from_kafka(
+                message.key(), message.value(), consumed_headers(message)
+            )
         except InvalidMessage as exc:
-            return cls(**where, letter=None, problem=str(exc))
-        return cls(**where, letter=letter, request_id=_request_id(letter.value))
+            return cls(*where, letter=None, problem=str(exc))
+        return cls(*where, letter=letter, request_id=_request_id(letter.value))
 
     @property
     def coordinates(self) -> str:
@@ -172,15 +178,16 @@ def read_dlq(
         last_error = "none"
         while pending:
             message = consumer.poll(0.2)
-            if message is not None and message.error() is None:
+            error = None if message is None else message.error()
+            if message is not None and error is None:
                 last_progress = time.monotonic()
                 entry = Entry.from_message(message)
                 if filters.matches(entry):
                     yield entry
-            elif message is not None:
+            elif error is not None:
                 # librdkafka recovers from the others by itself; the stall check bounds them.
-                last_error = message.error().str()
-                if message.error().fatal():
+                last_error = error.str()
+                if error.fatal():
                     raise BrokerUnavailable(f"reading {DLQ} failed: {last_error}")
             pending = {p for p in pending if not _finished(consumer, p, stops[p])}
             if pending and time.monotonic() - last_progress > stall_timeout_s:
@@ -328,7 +335,9 @@ def _publish(
     letter = entry.letter
     assert letter is not None  # _skip_reason let only dead letters through
     # A letter replayed before carries the older entry's name; this copy comes from this one.
-    headers = [(name, data) for name, data in letter.original_headers if name != REPLAY_HEADER]
+    headers: ProduceHeaders = [
+        (name, data) for name, data in letter.original_headers if name != REPLAY_HEADER
+    ]
     headers.append((REPLAY_HEADER, entry.coordinates.encode()))
 
     def delivered(error: KafkaError | None, _message: Message) -> None:

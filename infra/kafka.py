@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import (
     OFFSET_END,
@@ -30,6 +30,12 @@ from imagegen.schemas.errors import BrokerUnavailable
 
 # librdkafka logs through Python logging, so its output follows the process's log settings.
 _librdkafka_log = logging.getLogger("imagegen.librdkafka")
+
+#: Record headers as `Producer.produce` takes them. Its stub wants a list of exactly this
+#: item type, so a `list[tuple[str, bytes]]` does not pass: build the list as this type.
+ProduceHeaders = list[tuple[str, str | bytes | None]]
+#: The headers of a consumed record, as confluent-kafka hands them over.
+ConsumedHeaders = list[tuple[str, bytes | None]]
 
 
 def _base(settings: Settings, role: str) -> dict[str, Any]:
@@ -173,13 +179,32 @@ class EndOffsets:
                 continue
             error = message.error()
             if error is not None and error.code() == KafkaError._PARTITION_EOF:
-                ends[(message.topic(), message.partition())] = message.offset()
+                topic, partition, offset = record_position(message)
+                ends[(topic, partition)] = offset
             elif error is not None and error.fatal():
                 raise KafkaException(error)
         return ends
 
     def close(self) -> None:
         self._consumer.close()
+
+
+def record_position(message: Message) -> tuple[str, int, int]:
+    """The topic, partition and offset of a consumed record or partition-EOF event.
+
+    librdkafka reports none of them (the stub's None) only for an event of no partition,
+    such as a client error: callers handle those first, so one here is a bug.
+    """
+    topic, partition, offset = message.topic(), message.partition(), message.offset()
+    if topic is None or partition is None or offset is None:
+        raise ValueError(f"message without a position ({message.error()}): not a consumed record")
+    return topic, partition, offset
+
+
+def consumed_headers(message: Message) -> ConsumedHeaders | None:
+    """The headers of a consumed record. The stub shares its type with what `produce` takes
+    (also a mapping, also str values); a consumed record always has a list of bytes."""
+    return cast(ConsumedHeaders | None, message.headers())
 
 
 def consume_available(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Message]:

@@ -6,7 +6,7 @@ One plain typed object: every process builds it once with `load_settings()` and 
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -162,8 +162,9 @@ def as_environment(settings: Settings) -> dict[str, str]:
     return environment
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Read the settings from the environment; `overrides` win over it."""
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings from the environment; `overrides` win over it. (They are `Any`:
+    `Settings` validates them as it does the environment.)"""
     try:
         return Settings(**overrides)
     except ValidationError as exc:

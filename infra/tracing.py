@@ -34,7 +34,8 @@ try:
 
     _propagator: TraceContextTextMapPropagator | None = TraceContextTextMapPropagator()
 except ImportError:  # the tracing extra is not installed: pass trace context through
-    _otel = None
+    # mypy has no type for "this module or None"; each use checks that the API is there.
+    _otel = None  # type: ignore[assignment]
     _propagator = None
 
 

@@ -21,12 +21,13 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faust
+from faust.streams import Stream
 from faust.types import EventT, StreamT
 
 from imagegen.infra.kafka import check_broker, make_admin
@@ -101,13 +102,16 @@ class IntakeProcessor:
         # Records are handled in batches so that their sends travel together: waiting for
         # each send's acknowledgement in turn would cost a broker round trip per record.
         # Events are acked only after every send of their batch is acknowledged.
-        async for events in stream.noack_take(BATCH_MAX, within=BATCH_WITHIN_S):
+        # Every agent gets a faust Stream, whose `noack_take` the StreamT interface lacks. It
+        # yields the events, though annotated as yielding values.
+        batches = cast(Stream, stream).noack_take(BATCH_MAX, within=BATCH_WITHIN_S)
+        async for events in batches:
             RECORDS_CONSUMED.labels(REQUESTS).inc(len(events))
             await self._handle_batch(events)
             for event in events:
                 await stream.ack(event)
 
-    async def _handle_batch(self, events: list[EventT]) -> None:
+    async def _handle_batch(self, events: Sequence[EventT]) -> None:
         if time.monotonic() >= self._next_sweep:
             self._sweep()
         sending = []
@@ -364,7 +368,7 @@ def _untraced(headers: Headers) -> Headers:
 
 def _headers(event: EventT) -> Headers:
     headers = event.message.headers or []
-    items = headers.items() if isinstance(headers, dict) else headers
+    items = headers.items() if isinstance(headers, Mapping) else headers
     return [(name, value or b"") for name, value in items]
 
 

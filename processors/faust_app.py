@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import aiokafka
 import faust
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread, Consumer, Transport
-from faust.types import TP, ConsumerT
+from faust.types import TP, AppT, ConsumerT
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 
@@ -46,7 +46,7 @@ class ConsumerThread(AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: Transport) -> aiokafka.AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(transport)
         # faust fixes the fetch wait at 1.5 s; IMAGEGEN_KAFKA_FETCH_WAIT_MS says why not.
-        consumer._fetch_max_wait_ms = self.app.settings_for_clients.kafka_fetch_wait_ms
+        consumer._fetch_max_wait_ms = _settings(self.app).kafka_fetch_wait_ms
         return consumer
 
 
@@ -57,7 +57,7 @@ class FetchedEndsConsumer(Consumer):
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
-        settings = self.app.settings_for_clients
+        settings = _settings(self.app)
         ends = await asyncio.to_thread(
             fetched_end_offsets, settings, [(tp.topic, tp.partition) for tp in partitions]
         )
@@ -82,3 +82,8 @@ class App(faust.App):
             beacon=self.beacon,
             loop=self.loop,
         )
+
+
+def _settings(app: AppT) -> Settings:
+    # faust types a consumer's app as its interface; these consumers are only ever App's.
+    return cast(App, app).settings_for_clients

@@ -147,14 +147,25 @@ class Intake:
         return self._limiter.full(entries, self._clock())
 
 
-def _result(request: GenerationRequest, status: Status, **fields: object) -> GenerationResult:
+def _result(
+    request: GenerationRequest,
+    status: Status,
+    *,
+    detail: str,
+    reason: Reason | None = None,
+    retry_after_ms: int | None = None,
+    duplicate_of: RequestId | None = None,
+) -> GenerationResult:
     return GenerationResult(
         request_id=request.request_id,
         user_id=request.user_id,
         status=status,
+        reason=reason,
+        detail=detail,
+        retry_after_ms=retry_after_ms,
+        duplicate_of=duplicate_of,
         model=request.model,
         completed_at=utc_now(),
-        **fields,
     )
 
 
@@ -167,7 +178,7 @@ def _rejection_for_invalid(value: bytes | None, error: InvalidMessage) -> Genera
     if not isinstance(data, dict):
         return None
     try:
-        identity = _Identity(request_id=data.get("request_id"), user_id=data.get("user_id"))
+        identity = _Identity.model_validate(data)
     except ValidationError:
         return None
     return GenerationResult(

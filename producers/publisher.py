@@ -23,7 +23,7 @@ from typing import Any, Self
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from imagegen.infra.kafka import make_producer
+from imagegen.infra.kafka import ProduceHeaders, make_producer
 from imagegen.infra.metrics import RECORDS_PRODUCED
 from imagegen.infra.settings import Settings
 from imagegen.infra.tracing import is_traceparent, start_span
@@ -34,7 +34,8 @@ from imagegen.schemas.topics import REQUESTS
 
 DEFAULT_DELIVERY_TIMEOUT_S = 10.0
 
-DeliveryCallback = Callable[[KafkaError | None, Message], None]
+#: What it returns is ignored.
+DeliveryCallback = Callable[[KafkaError | None, Message], object]
 
 
 class _Publisher:
@@ -76,12 +77,13 @@ class _Publisher:
             span.end(None if error is None else KafkaException(error))
             on_delivery(error, message)
 
+        headers: ProduceHeaders = [*span.headers]
         try:
             self._producer.produce(
                 REQUESTS,
                 key=request.kafka_key,
                 value=encode(request),
-                headers=span.headers or None,
+                headers=headers or None,
                 on_delivery=delivered,
             )
         except (KafkaException, BufferError) as exc:

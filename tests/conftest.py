@@ -26,6 +26,17 @@ TEST_SESSION_TIMEOUT_MS = 2000
 NO_METRICS = {"processor_metrics_port": 0, "worker_metrics_port": 0}
 
 
+STACK_FIXTURES = frozenset({"settings", "isolated_stack"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses the stack, directly or through another fixture, as
+    `integration`, so that `pytest -m "not integration"` runs the rest in a minute."""
+    for item in items:
+        if STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """Environment that points a child process (the CLI, a worker) at `settings`' stack."""
     return {**os.environ, **as_environment(settings)}

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+STOP_WAIT_S = 240
+
 
 class Service:
     """A long-running `imagegen` command (processor, worker) with its output in a file."""
@@ -43,7 +45,9 @@ class Service:
         assert self.process is not None
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(60)
+        # A worker finishes its in-flight render first, and a long render on a loaded
+        # 2-core machine takes minutes; the test's own timeout bounds a real hang.
+        return self.process.wait(STOP_WAIT_S)
 
     def assert_running(self) -> None:
         assert self.process is not None

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -427,8 +428,16 @@ def scrape_until(port: int, ready, timeout_s: float = 60) -> dict:
     """The worker's samples by (name, sorted labels), once `ready(samples)` holds."""
     deadline = time.monotonic() + timeout_s
     while True:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                text = reply.read().decode()
+        except urllib.error.URLError as exc:
+            # A loaded machine may start the process after the test asked for its metrics.
+            if not isinstance(exc.reason, ConnectionRefusedError):
+                raise
+            assert time.monotonic() < deadline, f"nothing serves metrics on port {port}"
+            time.sleep(0.2)
+            continue
         samples = {
             (sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in text_string_to_metric_families(text)

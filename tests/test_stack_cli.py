@@ -83,12 +83,14 @@ def up_status_down(env: dict[str, str], state_dir: Path) -> None:
     assert after.stdout.count("not running") == 2
 
 
+@pytest.mark.integration  # starts a stack of its own
 def test_up_status_down_on_ports_from_settings(tmp_path: Path) -> None:
     kafka_port, s3_port = free_port(), free_port()
     up_status_down(stack_env(tmp_path, kafka_port, s3_port), tmp_path)
     assert port_is_free(kafka_port) and port_is_free(s3_port)
 
 
+@pytest.mark.integration  # starts a stack of its own
 def test_up_status_down_on_default_ports(tmp_path: Path) -> None:
     if not (port_is_free(9092) and port_is_free(9000)):
         pytest.skip("ports 9092/9000 are in use on this machine")

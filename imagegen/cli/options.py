@@ -14,17 +14,20 @@ LogLevel = Annotated[
 ]
 
 
-def _metrics_port(variable: str, default: int) -> object:
-    return Annotated[
-        int | None,
-        typer.Option(
-            min=0,
-            max=65535,
-            help=f"Port of the Prometheus endpoint, 0 for none; give each process on a host "
-            f"its own; default {variable} ({default}).",
-        ),
-    ]
+def _metrics_port_help(variable: str, default: int) -> str:
+    return (
+        f"Port of the Prometheus endpoint, 0 for none; give each process on a host "
+        f"its own; default {variable} ({default})."
+    )
 
 
-ProcessorMetricsPort = _metrics_port("IMAGEGEN_PROCESSOR_METRICS_PORT", 9464)
-WorkerMetricsPort = _metrics_port("IMAGEGEN_WORKER_METRICS_PORT", 9465)
+ProcessorMetricsPort = Annotated[
+    int | None,
+    typer.Option(
+        min=0, max=65535, help=_metrics_port_help("IMAGEGEN_PROCESSOR_METRICS_PORT", 9464)
+    ),
+]
+WorkerMetricsPort = Annotated[
+    int | None,
+    typer.Option(min=0, max=65535, help=_metrics_port_help("IMAGEGEN_WORKER_METRICS_PORT", 9465)),
+]

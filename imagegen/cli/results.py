@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from imagegen.consumers.results import ResultSubscriber
+from imagegen.consumers.results import ResultSubscriber, Start
 from imagegen.infra.object_store import ObjectStore
 from imagegen.infra.settings import load_settings
 from imagegen.schemas import GenerationResult, Status
@@ -28,7 +28,7 @@ def results(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """Print the results on imagegen.results (all of them, or new ones with --follow)."""
-    start = "end" if follow and not from_beginning else "beginning"
+    start: Start = "end" if follow and not from_beginning else "beginning"
     with ResultSubscriber(load_settings(), start=start) as subscriber:
         stream = subscriber.follow() if follow else subscriber.until_caught_up()
         for result in stream:
