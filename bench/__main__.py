@@ -1,4 +1,4 @@
-"""`python -m bench` (`make bench`): the intake, render and end-to-end benchmarks in turn.
+"""`python -m bench` (`make bench`): the start-up, intake, render and end-to-end benchmarks in turn.
 
 Writes every figure, the targets and whether each is met, the date, the commit and the
 machine to `bench/results.json`, and generates `docs/benchmarks.md` from the same data.
@@ -29,11 +29,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import e2e, intake, machine, render, report
-from imagegen.consumers.models import resolve_device
+from bench import e2e, intake, machine, render, report, startup
+from imagegen.consumers.devices import resolve_device
 from imagegen.schemas.errors import ConfigError
 
-BENCHMARKS = ("intake", "render", "e2e")
+BENCHMARKS = ("startup", "intake", "render", "e2e")
 INTAKE_REQUESTS = 20_000
 INTAKE_REQUESTS_QUICK = 5_000
 
@@ -85,10 +85,16 @@ def targets(mode: Mode) -> list[Target]:
             f"worker / bare loop ({render_case})",
         ),
         Target("e2e", "overhead_p99_ms", False, 50, "pipeline overhead p99 at 20 req/s (ms)"),
+        Target("startup", "publisher_s", False, 1.0, "`import imagegen.producers` (s)"),
+        Target("startup", "cli_help_s", False, 1.0, "`imagegen --help` (s)"),
     ]
 
 
 # ---- the benchmarks, through their Python functions -----------------------------------
+
+
+def run_startup(mode: Mode, scratch: Path) -> dict[str, object]:
+    return startup.run(startup.ROUNDS_QUICK if mode.quick else startup.ROUNDS, scratch)
 
 
 def run_intake(mode: Mode, _scratch: Path) -> dict[str, object]:
@@ -109,6 +115,7 @@ def run_e2e(mode: Mode, scratch: Path) -> dict[str, object]:
 
 
 RUNNERS: dict[str, Callable[[Mode, Path], dict[str, object]]] = {
+    "startup": run_startup,
     "intake": run_intake,
     "render": run_render,
     "e2e": run_e2e,

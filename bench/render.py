@@ -38,7 +38,8 @@ from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from bench.command import positive, run_alone
 from bench.stack import child_env, private_stack
 from imagegen.cli.children import imagegen_child
-from imagegen.consumers.models import load_pipeline, resolve_device, resolve_dtype
+from imagegen.consumers.devices import resolve_device, resolve_dtype
+from imagegen.consumers.models import load_pipeline
 from imagegen.consumers.rendering import Renderer, encode_image
 from imagegen.infra.kafka import make_consumer, make_producer
 from imagegen.infra.settings import Settings

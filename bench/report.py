@@ -15,6 +15,13 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.json"
 DOCS = ROOT / "docs" / "benchmarks.md"
 
+STARTUP = """\
+The client side's cost to a process before it does anything: a fresh `python -c "import
+imagegen.producers"` (a service that publishes requests) and `imagegen --help` (the CLI, through
+its console script), interleaved with the bare interpreter (`python -c pass`) over several
+rounds, each from a scratch folder; the median round counts. Neither may import torch, diffusers,
+transformers or faust (`tests/test_layers.py` checks)."""
+
 INTAKE = """\
 One `imagegen processor` on a private embedded stack reads a preloaded backlog of requests
 from many users and validates, dedupes, rate-limits (with limits that admit everything) and
@@ -68,10 +75,11 @@ BREAKDOWN = {
 
 RUNNING = """\
 ```sh
-make bench                            # all three; bench/results.json and docs/benchmarks.md
+make bench                            # all four; bench/results.json and docs/benchmarks.md
 BENCH_QUICK=1 make bench              # short runs: a few minutes in all
 make bench ARGS=--gpu                 # render: sd15-random, 512x512, 25 steps on CUDA
 make bench ARGS="--gpu --only render" # that alone, on a GPU machine (or BENCH_GPU=1)
+python -m bench.startup [--rounds N]
 python -m bench.intake [--requests N]
 python -m bench.render [--quick] [--gpu] [--batch-sizes 1,2,4,8]
 python -m bench.e2e [--quick] [--rate 20] [--duration 60]
@@ -114,9 +122,9 @@ def markdown(results: dict[str, Any], results_path: Path) -> str:
         RUNNING,
         "",
     ]
-    sections = {"intake": _intake, "render": _render, "e2e": _e2e}
-    titles = {"intake": "Intake", "render": "Render", "e2e": "End to end"}
-    texts = {"intake": INTAKE, "render": RENDER, "e2e": E2E}
+    sections = {"startup": _flat, "intake": _flat, "render": _render, "e2e": _e2e}
+    titles = {"startup": "Start-up", "intake": "Intake", "render": "Render", "e2e": "End to end"}
+    texts = {"startup": STARTUP, "intake": INTAKE, "render": RENDER, "e2e": E2E}
     for name, run in runs.items():
         lines += [f"## {titles[name]}", "", texts[name], "", _run_line(run), ""]
         if "error" not in run:
@@ -142,7 +150,7 @@ def summary(results: dict[str, Any]) -> str:
 # ---- sections --------------------------------------------------------------------------
 
 
-def _intake(figures: dict[str, Any]) -> list[str]:
+def _flat(figures: dict[str, Any]) -> list[str]:
     return _table(
         ("figure", "value"),
         [(name, _value(value)) for name, value in figures.items() if not isinstance(value, dict)],

@@ -8,7 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import DiffusionPipeline
+
+# From its own module: diffusers' lazy `__init__` type-checks as a placeholder class.
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image, features
 
 from imagegen.schemas.errors import ConfigError, ImagegenError
@@ -95,7 +97,8 @@ class Renderer:
         ]
         try:
             with torch.inference_mode():
-                output = self._pipeline(
+                # Every pipeline class defines `__call__`; their base class declares none.
+                output = self._pipeline(  # type: ignore[operator]
                     prompt=[r.prompt for r in requests],
                     # "" is what the pipeline uses for a missing negative prompt.
                     negative_prompt=[r.negative_prompt or "" for r in requests],

@@ -10,16 +10,10 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from imagegen.consumers import models
-from imagegen.consumers.models import (
-    ModelRegistry,
-    UnknownModel,
-    load_pipeline,
-    parse_model_option,
-    resolve_device,
-    resolve_dtype,
-    tiny_dir,
-)
+from imagegen.consumers import synthetic
+from imagegen.consumers.devices import resolve_device, resolve_dtype
+from imagegen.consumers.models import ModelRegistry, UnknownModel, load_pipeline, parse_model_option
+from imagegen.consumers.synthetic import tiny_dir
 from imagegen.schemas.errors import ConfigError
 
 CPU = torch.device("cpu")
@@ -80,7 +74,7 @@ def test_a_changed_tiny_definition_is_cached_apart_from_the_old_one(
     cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     before = tiny_dir(cache_dir)
-    monkeypatch.setattr(models, "_TINY_TEXT", {**models._TINY_TEXT, "num_hidden_layers": 1})
+    monkeypatch.setattr(synthetic, "_TINY_TEXT", {**synthetic._TINY_TEXT, "num_hidden_layers": 1})
     assert tiny_dir(cache_dir) != before
 
 

@@ -83,7 +83,8 @@ def worker(
 
     import torch
 
-    from imagegen.consumers.models import ModelRegistry, resolve_device, resolve_dtype
+    from imagegen.consumers.devices import resolve_device, resolve_dtype
+    from imagegen.consumers.models import ModelRegistry
     from imagegen.consumers.rendering import Renderer
     from imagegen.consumers.worker import RenderWorker, WorkerOptions
     from imagegen.schemas.topics import WORKER_GROUP

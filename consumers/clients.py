@@ -1,0 +1,42 @@
+"""The clients a render worker talks to the broker and the object store through.
+
+`make_worker_clients` builds the ones a worker process uses; the worker takes them ready
+made, so that whoever starts it (a test, a benchmark) may hand it others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient
+
+from imagegen.infra.kafka import check_broker, make_admin, make_consumer, make_producer
+from imagegen.infra.object_store import ObjectStore
+from imagegen.infra.settings import Settings
+from imagegen.schemas.topics import WORKER_GROUP
+
+
+@dataclass(frozen=True)
+class WorkerClients:
+    consumer: Consumer  # in the worker group, not yet subscribed
+    producer: Producer
+    admin: AdminClient
+    store: ObjectStore
+
+
+def make_worker_clients(settings: Settings) -> WorkerClients:
+    """The worker's clients for `settings`; `BrokerUnavailable` unless the broker answers."""
+    check_broker(settings)
+    return WorkerClients(
+        admin=make_admin(settings),
+        store=ObjectStore(settings),
+        producer=make_producer(settings),
+        consumer=make_consumer(
+            settings,
+            WORKER_GROUP,
+            # The poll loop never blocks on work, so a short interval costs nothing, and
+            # some brokers (Tansu) hold a group's first join for half of it.
+            **{"max.poll.interval.ms": max(settings.kafka_session_timeout_ms, 1000)},
+        ),
+    )

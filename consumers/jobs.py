@@ -1,0 +1,88 @@
+"""A record of `imagegen.render` on its way through the worker, and where it came from."""
+
+from __future__ import annotations
+
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import cast
+
+from confluent_kafka import Message
+
+from imagegen.consumers.crashes import Crashes, Record
+from imagegen.infra.logs import log_context
+from imagegen.infra.tracing import Span
+from imagegen.schemas import GenerationRequest
+from imagegen.schemas.headers import ADMITTED_AT_HEADER
+
+#: Headers as a consumed record carries them.
+ConsumedHeaders = list[tuple[str, bytes | None]]
+
+
+@dataclass(frozen=True)
+class Polled:
+    """Where a consumed record lives, and the assignment (`generation`) it was polled in:
+    once its partition is revoked or lost, its completion is ignored, because the
+    partition's next owner does the work again."""
+
+    topic: str
+    partition: int
+    offset: int
+    generation: int
+
+    @classmethod
+    def of(cls, message: Message, generation: int) -> Polled:
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        # Only error events lack these, and the poll loop passes none of those on.
+        if topic is None or partition is None or offset is None:
+            raise ValueError("a consumed record has no topic, partition or offset")
+        return cls(topic, partition, offset, generation)
+
+
+@dataclass
+class Job:
+    """One request on its way through the worker, from its record."""
+
+    message: Message
+    polled: Polled
+    request: GenerationRequest
+    admitted_at_ms: int
+    span: Span
+    crashes: Crashes = field(default_factory=Crashes)  # left by processes that died on it
+    render_started_ms: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def record(self) -> Record:
+        """The job's record, as the crash ledger names it."""
+        where = self.polled
+        return Record(where.topic, where.partition, where.offset, self.request.request_id)
+
+    def log_context(self) -> AbstractContextManager[None]:
+        """Every line logged in the block names the request, its record and its trace."""
+        return log_context(
+            request_id=self.request.request_id,
+            user_id=self.request.user_id,
+            topic=self.polled.topic,
+            partition=self.polled.partition,
+            offset=self.polled.offset,
+            trace_id=self.span.trace_id,
+        )
+
+
+def consumed_headers(message: Message) -> ConsumedHeaders:
+    # confluent-kafka types headers as a list or a dict; a consumed record's are a list.
+    return cast(ConsumedHeaders, message.headers() or [])
+
+
+def admitted_at_ms(message: Message) -> int:
+    """When the processor admitted the record (its header), else the record's timestamp."""
+    for name, value in consumed_headers(message):
+        if name == ADMITTED_AT_HEADER and value:
+            return int(value)
+    return message.timestamp()[1]
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds: the clock of record timestamps and of `submitted_at`."""
+    return int(time.time() * 1000)

@@ -1,0 +1,201 @@
+"""How a record of `imagegen.render` ends: a result for the user and, when it failed, a dead
+letter for operators, sent through the outbox for the record's offset.
+
+What becomes of a record whose delivery fails (the outbox waits for each to settle):
+- a succeeded result: a dead letter takes its place, so the offset waits for that instead;
+- a failed result: a warning; the dead letter sent beside it keeps the record for a replay;
+- a dead letter: the process exits before the offset can be stored, so the record is read
+  again. A dead letter is what must not be lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from confluent_kafka import KafkaError, KafkaException, Message
+
+from imagegen.consumers.crashes import CrashLedger
+from imagegen.consumers.jobs import Job, Polled, consumed_headers, now_ms
+from imagegen.consumers.models import UnknownModel
+from imagegen.consumers.outbox import Outbox, Sends
+from imagegen.consumers.rendering import seed_for
+from imagegen.consumers.storage import StoredImage
+from imagegen.infra.metrics import DLQ_RECORDS
+from imagegen.schemas import (
+    DeadLetter,
+    GenerationResult,
+    Reason,
+    Stage,
+    Status,
+    Timings,
+    encode,
+)
+from imagegen.schemas.fields import utc_now
+from imagegen.schemas.topics import DLQ, RESULTS, WORKER_GROUP
+
+log = logging.getLogger(__name__)
+
+
+class Outcomes:
+    """Publishes how jobs ended. Thread-safe."""
+
+    def __init__(self, outbox: Outbox, crashes: CrashLedger, bucket: str, worker_id: str) -> None:
+        self._outbox = outbox
+        self._crashes = crashes
+        self._bucket = bucket
+        self._worker_id = worker_id
+
+    def succeeded(
+        self, job: Job, stored: StoredImage, attempts: int, batch_size: int | None
+    ) -> None:
+        """The job's image is `stored`: tell the user where. `batch_size` is None when an
+        earlier attempt stored it."""
+        request = job.request
+        result = GenerationResult(
+            request_id=request.request_id,
+            user_id=request.user_id,
+            status=Status.SUCCEEDED,
+            bucket=self._bucket,
+            object_key=stored.key,
+            content_type=stored.content_type,
+            size_bytes=stored.size_bytes,
+            sha256=stored.sha256,
+            width=request.width,
+            height=request.height,
+            model=request.model,
+            seed=seed_for(request),
+            steps=request.steps,
+            batch_size=batch_size,
+            timings=_timings(job),
+            attempts=attempts,
+            worker_id=self._worker_id,
+            completed_at=utc_now(),
+        )
+        job.span.set_attribute("imagegen.attempts", attempts)
+        with self._outbox.sending(job.polled) as sends:
+
+            def delivered(error: KafkaError | None) -> None:
+                if error is not None:
+                    self._dead_letter(sends, job.message, KafkaException(error), Stage.PUBLISH, job)
+
+            sends.send(RESULTS, result.kafka_key, encode(result), job.span.headers, delivered)
+        log.info(
+            "%s succeeded: %s (%d bytes, %d attempt(s))",
+            request.request_id,
+            stored.key,
+            stored.size_bytes,
+            attempts,
+        )
+
+    def failed(self, job: Job, error: BaseException, stage: Stage, attempts: int) -> None:
+        """A failed result for the user and a dead letter for operators."""
+        with job.log_context():
+            log.error(
+                "%s failed at %s after %d attempt(s): %s",
+                job.request.request_id,
+                stage.value,
+                attempts,
+                error,
+                extra={"stage": stage.value},
+            )
+        job.span.set_attribute("imagegen.attempts", attempts)
+        job.span.end(error)
+        result = GenerationResult(
+            request_id=job.request.request_id,
+            user_id=job.request.user_id,
+            status=Status.FAILED,
+            reason=_reason(error, stage),
+            detail=f"{type(error).__name__}: {error}"[:4000],
+            model=job.request.model,
+            attempts=attempts,
+            worker_id=self._worker_id,
+            completed_at=utc_now(),
+        )
+        request_id = job.request.request_id
+
+        def delivered(delivery_error: KafkaError | None) -> None:
+            if delivery_error is not None:
+                log.warning(
+                    "%s: its failed result did not reach %s (%s); its dead letter keeps the "
+                    "record for a replay",
+                    request_id,
+                    RESULTS,
+                    delivery_error,
+                )
+
+        with self._outbox.sending(job.polled) as sends:
+            sends.send(RESULTS, result.kafka_key, encode(result), job.span.headers, delivered)
+            self._dead_letter(sends, job.message, error, stage, job, attempts)
+
+    def unreadable(self, message: Message, polled: Polled, error: BaseException) -> None:
+        """A record that holds no request: a dead letter, and no result (it names no user)."""
+        with self._outbox.sending(polled) as sends:
+            self._dead_letter(sends, message, error, Stage.VALIDATE)
+
+    def _dead_letter(
+        self,
+        sends: Sends,
+        message: Message,
+        error: BaseException,
+        stage: Stage,
+        job: Job | None = None,
+        attempts: int = 1,
+    ) -> None:
+        where = sends.polled
+        letter = DeadLetter.from_failure(
+            error=error,
+            stage=stage,
+            topic=where.topic,
+            partition=where.partition,
+            offset=where.offset,
+            timestamp_ms=message.timestamp()[1],
+            key=message.key(),
+            value=message.value(),
+            headers=consumed_headers(message),
+            attempts=attempts,
+            group=WORKER_GROUP,
+        )
+
+        def delivered(delivery_error: KafkaError | None) -> None:
+            if delivery_error is not None:
+                # Without its dead letter the record must not be committed: exit before its
+                # offset is stored, so that it is read again.
+                log.critical(
+                    "cannot write to %s (%s); exiting",
+                    DLQ,
+                    delivery_error,
+                    extra={
+                        "request_id": job.request.request_id if job is not None else None,
+                        "topic": where.topic,
+                        "partition": where.partition,
+                        "offset": where.offset,
+                        "stage": stage.value,
+                    },
+                )
+                os._exit(70)
+            DLQ_RECORDS.labels(stage.value).inc()
+            if job is not None:
+                self._crashes.forget(job.record)  # the dead letter keeps the record now
+
+        sends.send(DLQ, letter.key, letter.value, letter.headers(), delivered)
+
+
+def _timings(job: Job) -> Timings:
+    started_ms = job.render_started_ms
+    submitted_ms = job.request.submitted_at.timestamp() * 1000
+    return Timings(
+        queue_ms=max(0.0, started_ms - job.admitted_at_ms) if started_ms else None,
+        render_ms=job.timings.get("render_ms"),
+        encode_ms=job.timings.get("encode_ms"),
+        upload_ms=job.timings.get("upload_ms"),
+        total_ms=max(0.0, now_ms() - submitted_ms),
+    )
+
+
+def _reason(error: BaseException, stage: Stage) -> Reason:
+    if isinstance(error, UnknownModel):
+        return Reason.UNKNOWN_MODEL
+    return {Stage.RENDER: Reason.RENDER_ERROR, Stage.PUBLISH: Reason.PUBLISH_ERROR}.get(
+        stage, Reason.STORE_ERROR
+    )

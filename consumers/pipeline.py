@@ -1,0 +1,298 @@
+"""The render pipeline: every accepted job is checked, batched, rendered and finished.
+
+Threads, and what each one does:
+- a check pool looks every new request up in the object store: an image that an earlier
+  attempt stored (and crashed before committing) is published again without rendering. It
+  also reads what worker processes that died rendering the request left
+  (`imagegen.consumers.crashes`): such a request renders alone, and fails without rendering
+  once too many died rendering it alone.
+- the render thread batches compatible requests and runs the pipeline, holding a crash mark
+  per request meanwhile, and nothing else, so the device waits only for batching.
+- a finish pool encodes, stores and publishes every rendered image.
+
+From its check until its result is sent, a job holds the claim on its object key
+(`imagegen.consumers.claims`). The work of each job runs inside its log context, and no
+exception vanishes into a pool's future (`_guarded`): every failure becomes a failed result
+and a dead letter (`imagegen.consumers.outcomes`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from typing import Any
+
+from PIL import Image
+
+from imagegen.consumers.batching import Batcher
+from imagegen.consumers.claims import Claims
+from imagegen.consumers.crashes import CrashLedger, RenderKilledWorkers
+from imagegen.consumers.jobs import Job, now_ms
+from imagegen.consumers.models import UnknownModel
+from imagegen.consumers.outcomes import Outcomes
+from imagegen.consumers.rendering import Renderer, batch_key, encode_image
+from imagegen.consumers.retry import GaveUp, Interrupted, RetryPolicy, is_transient, retrying
+from imagegen.consumers.storage import StoredImage, find, object_key, store_once
+from imagegen.consumers.threads import vital_thread
+from imagegen.infra.logs import log_context
+from imagegen.infra.metrics import (
+    ENCODE_SECONDS,
+    RENDER_BATCH_SIZE,
+    RENDER_SECONDS,
+    UPLOAD_SECONDS,
+    observe_gpu_memory,
+)
+from imagegen.infra.object_store import ObjectStore
+from imagegen.schemas import Stage
+
+log = logging.getLogger(__name__)
+
+
+class RenderPipeline:
+    def __init__(
+        self,
+        renderers: Mapping[str, Renderer],
+        store: ObjectStore,
+        crashes: CrashLedger,
+        outcomes: Outcomes,
+        policy: RetryPolicy,
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        check_threads: int,
+        finish_threads: int,
+        stopping: threading.Event,
+        is_current: Callable[[Job], bool],
+    ) -> None:
+        """`renderers` maps the model names that requests use to what renders them.
+        `stopping` is set when the worker stops: retries give up, and jobs are released
+        unfinished. `is_current` tells whether a job's partition is still assigned."""
+        self._renderers = dict(renderers)
+        self._store = store
+        self._crashes = crashes
+        self._outcomes = outcomes
+        self._policy = policy
+        self._stopping = stopping
+        self._is_current = is_current
+        self._claims: Claims[Job] = Claims(lambda job: object_key(job.request))
+        self._batcher: Batcher[Job] = Batcher(_batch_key, max_batch, max_wait_s)
+        self._checks = ThreadPoolExecutor(check_threads, "check")
+        self._finishers = ThreadPoolExecutor(finish_threads, "finish")
+        self._stop_rendering = threading.Event()
+        self._render_thread: threading.Thread | None = None
+
+    def start(self, on_crash: Callable[[], None]) -> None:
+        """Start the render thread; `on_crash` runs in it should it ever crash."""
+        self._render_thread = vital_thread("render", self._render_loop, on_crash)
+        self._render_thread.start()
+
+    def submit(self, job: Job) -> None:
+        self._checks.submit(self._guarded, job, Stage.STORE, self._check, job)
+
+    def stop_rendering(self) -> None:
+        self._stop_rendering.set()
+
+    def drain(self) -> list[Job]:
+        """Finish what is rendering and being stored; return the queued jobs, released.
+        Call it once `stopping` is set, so that no waiting job is submitted again."""
+        self._checks.shutdown(wait=True)
+        self._stop_rendering.set()
+        if self._render_thread is not None:
+            self._render_thread.join()
+        released = self._batcher.drain()
+        self._finishers.shutdown(wait=True)
+        return released
+
+    # ---- checks (check pool) -------------------------------------------------------------
+
+    def _check(self, job: Job) -> None:
+        if job.request.model not in self._renderers:
+            raise UnknownModel(
+                f"model {job.request.model!r} is not served by this worker, which serves: "
+                f"{', '.join(self._renderers)}; start workers with --model {job.request.model}"
+            )
+        if not self._claims.claim(job):
+            return
+        key = object_key(job.request)
+        stored, _ = retrying(
+            self._policy,
+            f"look up {key}",
+            lambda: find(self._store, key),
+            self._stopping,
+            stage=Stage.STORE.value,
+        )
+        if stored is None:
+            self._check_crashes(job)
+            self._batcher.put(job)
+        else:
+            log.info("%s was stored by an earlier attempt; publishing it", key)
+            self._crashes.forget(job.record)
+            self._succeeded(job, stored, attempts=1, batch_size=None)
+
+    def _check_crashes(self, job: Job) -> None:
+        """Note what processes that died rendering the job left; give up on it, as a poison
+        request that would kill every worker it reaches, once too many died rendering it
+        alone."""
+        job.crashes = self._crashes.crashes(job.record)
+        if job.crashes.alone >= self._policy.max_attempts:
+            raise GaveUp(
+                RenderKilledWorkers(
+                    f"{job.crashes.alone} worker process(es) died while rendering this request "
+                    "alone (killed for memory, or a crash in native code), so it is not "
+                    "rendered again. Find the cause in the worker logs and metrics (its size, "
+                    "steps, model), then replay it from the DLQ with more memory or smaller "
+                    "settings"
+                ),
+                job.crashes.alone,
+            )
+        if job.crashes.suspect:
+            log.warning(
+                "a worker process died while rendering %s; rendering it alone (%d of %d "
+                "deaths alone before it fails)",
+                job.request.request_id,
+                job.crashes.alone,
+                self._policy.max_attempts,
+            )
+
+    # ---- rendering (render thread) -------------------------------------------------------
+
+    def _render_loop(self) -> None:
+        while not self._stop_rendering.is_set():
+            batch = []
+            for job in self._batcher.next_batch(0.1):
+                if self._is_current(job):
+                    batch.append(job)
+                else:
+                    self._release(job)  # polled before a rebalance: its partition's owner redoes it
+            if batch:
+                self._render(batch)
+
+    def _render(self, batch: list[Job]) -> None:
+        context: AbstractContextManager[None]
+        if len(batch) == 1:
+            context = batch[0].log_context()
+        else:
+            context = log_context(request_ids=[job.request.request_id for job in batch])
+        with context:
+            alone = self._render_batch(batch)
+        # One bad request must not fail the others: render them one by one.
+        for job in alone:
+            self._render([job])
+
+    def _render_batch(self, batch: list[Job]) -> list[Job]:
+        """Render `batch` and hand its images to the finishers; return the jobs to render
+        again one at a time, after a permanent failure of the batch as a whole."""
+        first = batch[0].request
+        renderer = self._renderers[first.model]
+        log.debug(
+            "rendering %d request(s) with %s: %dx%d, %d steps",
+            len(batch),
+            first.model,
+            first.width,
+            first.height,
+            first.steps,
+        )
+        started = time.perf_counter()
+        started_ms = now_ms()
+        try:
+            with self._crashes.rendering([(job.record, job.crashes) for job in batch]):
+                images, attempts = retrying(
+                    self._policy,
+                    "render",
+                    lambda: renderer.render([job.request for job in batch]),
+                    self._stopping,
+                    stage=Stage.RENDER.value,
+                )
+        except Interrupted:
+            for job in batch:  # uncommitted: the partition's next owner renders them
+                self._release(job)
+            return []
+        except GaveUp as gave_up:
+            if len(batch) > 1 and not is_transient(gave_up.error):
+                return batch
+            for job in batch:
+                self._fail(job, gave_up.error, Stage.RENDER, gave_up.attempts)
+            return []
+        finally:
+            observe_gpu_memory(renderer.device)
+        render_s = time.perf_counter() - started
+        RENDER_SECONDS.observe(render_s)
+        RENDER_BATCH_SIZE.observe(len(batch))
+        render_ms = render_s * 1000
+        for job, image in zip(batch, images, strict=True):
+            job.span.set_attribute("imagegen.batch_size", len(batch))
+            job.render_started_ms = started_ms
+            job.timings["render_ms"] = render_ms
+            self._finishers.submit(
+                self._guarded, job, Stage.STORE, self._finish, job, image, len(batch), attempts
+            )
+        return []
+
+    # ---- finishing (finish pool) ---------------------------------------------------------
+
+    def _finish(self, job: Job, image: Image.Image, batch_size: int, attempts: int) -> None:
+        started = time.perf_counter()
+        data, content_type = encode_image(image, job.request.output_format)
+        encoded = time.perf_counter()
+        key = object_key(job.request)
+        stored, store_attempts = retrying(
+            self._policy,
+            f"store {key}",
+            lambda: store_once(self._store, key, data, content_type),
+            self._stopping,
+            stage=Stage.STORE.value,
+        )
+        uploaded = time.perf_counter()
+        ENCODE_SECONDS.observe(encoded - started)
+        UPLOAD_SECONDS.observe(uploaded - encoded)
+        job.timings["encode_ms"] = (encoded - started) * 1000
+        job.timings["upload_ms"] = (uploaded - encoded) * 1000
+        self._succeeded(job, stored, max(attempts, store_attempts), batch_size)
+
+    # ---- every job's end -----------------------------------------------------------------
+
+    def _guarded(self, job: Job, stage: Stage, work: Callable[..., None], *args: Any) -> None:
+        """Run pool work so that no exception vanishes into a future: every failure becomes
+        a failed result and a dead letter."""
+        with job.log_context():
+            try:
+                work(*args)
+            except Interrupted:
+                log.info("released %s unfinished: the worker is stopping", job.request.request_id)
+                self._release(job)
+            except GaveUp as gave_up:
+                self._fail(job, gave_up.error, _stage_of(gave_up.error, stage), gave_up.attempts)
+            except Exception as error:
+                self._fail(job, error, _stage_of(error, stage), 1)
+
+    def _succeeded(
+        self, job: Job, stored: StoredImage, attempts: int, batch_size: int | None
+    ) -> None:
+        self._outcomes.succeeded(job, stored, attempts, batch_size)
+        self._release(job)
+
+    def _fail(self, job: Job, error: BaseException, stage: Stage, attempts: int) -> None:
+        self._outcomes.failed(job, error, stage, attempts)
+        self._release(job)
+
+    def _release(self, job: Job) -> None:
+        """The job is done with its key: jobs waiting for it are checked again (and find the
+        stored image, unless this job failed)."""
+        job.span.end()
+        for waiter in self._claims.release(job):
+            if not self._stopping.is_set():  # when stopping, they stay uncommitted
+                self.submit(waiter)
+
+
+def _batch_key(job: Job) -> Hashable | None:
+    # A request that a worker died rendering renders alone (None): it may kill the next one
+    # too, and must take no company with it.
+    return None if job.crashes.suspect else batch_key(job.request)
+
+
+def _stage_of(error: BaseException, default: Stage) -> Stage:
+    return Stage.RENDER if isinstance(error, UnknownModel | RenderKilledWorkers) else default
