@@ -77,6 +77,13 @@ class Settings(BaseSettings):
     # retry's delay (doubling each time, with jitter).
     max_attempts: int = Field(default=3, ge=1)
     retry_base_delay_s: float = Field(default=0.5, gt=0)
+    # How long a worker rides out an unreachable object store or broker (partitions paused,
+    # retrying with backoff) before the requests it holds fail.
+    outage_budget_s: float = Field(default=300.0, ge=0)
+
+    # The key that signs the `replay.of` mark of `imagegen dlq replay`, shared by operators
+    # and processors; without it no replay mark is trusted and `imagegen dlq replay` refuses.
+    replay_key: SecretStr | None = None
 
     # Where `imagegen stack` keeps pid files and logs of the embedded stack, and workers
     # cache built models.

@@ -21,9 +21,14 @@ from tests.helpers import free_port
 
 # Tansu holds a group's first join for half the session timeout: keep it short in tests.
 TEST_SESSION_TIMEOUT_MS = 2000
-# Tests start many processors and workers at once, here and beside other people's runs:
-# none serves metrics (on a fixed port) unless its test asks for it.
-NO_METRICS = {"processor_metrics_port": 0, "worker_metrics_port": 0}
+TEST_SETTINGS = {
+    # Tests start many processors and workers at once, here and beside other people's runs:
+    # none serves metrics (on a fixed port) unless its test asks for it.
+    "processor_metrics_port": 0,
+    "worker_metrics_port": 0,
+    # Operators and processors of a test stack share a replay key, as a deployment's do.
+    "replay_key": "test-replay",
+}
 
 
 STACK_FIXTURES = frozenset({"settings", "isolated_stack"})
@@ -58,7 +63,7 @@ def _docker_stack() -> Iterator[Settings]:
             s3_access_key=config["access_key"],
             s3_secret_key=config["secret_key"],
             kafka_session_timeout_ms=TEST_SESSION_TIMEOUT_MS,
-            **NO_METRICS,
+            **TEST_SETTINGS,
         )
         provision(settings, progress=lambda _: None)
         yield settings
@@ -71,7 +76,7 @@ def _embedded_stack(state_dir: Path) -> Iterator[Settings]:
         state_dir=str(state_dir),
         kafka_session_timeout_ms=TEST_SESSION_TIMEOUT_MS,
         kafka_fetch_wait_ms=EMBEDDED_FETCH_WAIT_MS,
-        **NO_METRICS,
+        **TEST_SETTINGS,
     )
     stack = EmbeddedStack(settings)
     stack.up(progress=lambda _: None)
@@ -98,7 +103,9 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     if os.environ.get("IMAGEGEN_TEST_STACK") == "docker":
         yield from _docker_stack()
     elif "IMAGEGEN_KAFKA_BOOTSTRAP" in os.environ or "IMAGEGEN_S3_ENDPOINT" in os.environ:
-        configured = load_settings(kafka_session_timeout_ms=TEST_SESSION_TIMEOUT_MS, **NO_METRICS)
+        configured = load_settings(
+            kafka_session_timeout_ms=TEST_SESSION_TIMEOUT_MS, **TEST_SETTINGS
+        )
         provision(configured, progress=lambda _: None)
         yield configured
     else:
