@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -14,6 +15,11 @@ from imagegen.infra.logs import log_context
 from imagegen.infra.tracing import Span
 from imagegen.schemas import GenerationRequest
 from imagegen.schemas.headers import ADMITTED_AT_HEADER
+
+log = logging.getLogger(__name__)
+
+#: The latest admission time taken from a header: the year 9999, in epoch milliseconds.
+MAX_EPOCH_MS = 253_402_300_799_999
 
 #: Headers as a consumed record carries them.
 ConsumedHeaders = list[tuple[str, bytes | None]]
@@ -37,6 +43,9 @@ class Polled:
         if topic is None or partition is None or offset is None:
             raise ValueError("a consumed record has no topic, partition or offset")
         return cls(topic, partition, offset, generation)
+
+    def __str__(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}"
 
 
 @dataclass
@@ -76,11 +85,35 @@ def consumed_headers(message: Message) -> ConsumedHeaders:
 
 
 def admitted_at_ms(message: Message) -> int:
-    """When the processor admitted the record (its header), else the record's timestamp."""
+    """When the processor admitted the record (its header), else the record's timestamp.
+
+    Anyone who may write `imagegen.render` can set the header to anything, so a value that
+    is not a time in epoch milliseconds is ignored, with a warning: a header never stops
+    the worker."""
     for name, value in consumed_headers(message):
-        if name == ADMITTED_AT_HEADER and value:
-            return int(value)
+        if name != ADMITTED_AT_HEADER or value is None:
+            continue
+        admitted = _epoch_ms(value)
+        if admitted is not None:
+            return admitted
+        log.warning(
+            "ignoring the %s header of %s[%s]@%s: %r is not a time in epoch milliseconds",
+            ADMITTED_AT_HEADER,
+            message.topic(),
+            message.partition(),
+            message.offset(),
+            value[:40],
+        )
     return message.timestamp()[1]
+
+
+def _epoch_ms(value: bytes) -> int | None:
+    # Digits only: int() also takes signs, spaces and underscores, and a value too long
+    # to be a time would overflow the float arithmetic of the result's timings.
+    if not value.isdigit() or len(value) > len(str(MAX_EPOCH_MS)):
+        return None
+    admitted = int(value)
+    return admitted if admitted <= MAX_EPOCH_MS else None
 
 
 def now_ms() -> int:

@@ -2,14 +2,18 @@
 the thread that serves their delivery reports, and which offsets those reports finish.
 
 The rule, enforced in `Sends`: an offset of `imagegen.render` is finished only once every
-record produced for it is settled, which is to say acknowledged by the broker or, if its
-delivery failed, handled by its delivery callback. The callback runs before its record
-counts as settled, so a replacement it sends for the same offset (a dead letter for a result
-that could not be delivered) must settle too before the offset is finished. The records of
-an offset are sent inside one `Outbox.sending` block, which holds the offset open until it
-ends: an acknowledgement that arrives before the block's last send cannot finish it early.
-A block that raises leaves its offset unfinished: it is never stored, and the partition's
-next owner reads the record again.
+record produced for it is settled, which is to say acknowledged by the broker (and its
+`on_acknowledged` callback has run). The records of an offset are sent inside one
+`Outbox.sending` block, which holds the offset open until it ends: an acknowledgement that
+arrives before the block's last send cannot finish it early. A block that raises leaves its
+offset unfinished: it is never stored, and the partition's next owner reads the record again.
+
+A record that fails, because its produce raises or its delivery reports an error, is sent
+again by the delivery thread after a backoff, up to `IMAGEGEN_MAX_ATTEMPTS` attempts in all.
+One that still fails is undeliverable: it never settles, so its offset is never finished
+(nor stored), and `on_undeliverable` stops the worker, so that the record is read again by
+the next one. No record the worker produces is dropped silently, and none can hold its
+partition's commits for ever while the worker looks healthy.
 
 The poll loop takes the finished offsets (`finished`) and stores them in partition order
 (`imagegen.consumers.offsets`). Any thread may send; the delivery thread serves the reports
@@ -18,19 +22,49 @@ from `start` until `close`.
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import logging
+import math
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from imagegen.consumers.broker_errors import what_to_fix
 from imagegen.consumers.jobs import Polled
+from imagegen.consumers.retry import RetryPolicy
 from imagegen.consumers.threads import vital_thread
+from imagegen.infra.kafka import ProduceHeaders
 from imagegen.infra.metrics import RECORDS_PRODUCED
 
-#: Called with the delivery's error, or None once the broker has acknowledged the record.
-OnDelivered = Callable[[KafkaError | None], None]
+log = logging.getLogger(__name__)
+
+#: Runs in the delivery thread once the broker has acknowledged a record.
+OnAcknowledged = Callable[[], None]
+
+QUEUE_FULL_WAIT_S = 0.01
+CLOSE_WAIT_S = 30.0
+
+
+@dataclass(eq=False)
+class _Record:
+    """A record to produce for an offset, as often as it takes."""
+
+    sends: Sends
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: ProduceHeaders | None
+    on_acknowledged: OnAcknowledged | None
+    attempt: int = field(default=1)
+
+    def describe(self) -> str:
+        size = len(self.value or b"") + len(self.key or b"")
+        return f"a {size}-byte record to {self.topic} for {self.sends.polled}"
 
 
 class Sends:
@@ -38,12 +72,9 @@ class Sends:
     context manager that holds the offset open while its block runs (see `Outbox.sending`).
     """
 
-    def __init__(
-        self, producer: Producer, finished: queue.SimpleQueue[Polled], polled: Polled
-    ) -> None:
+    def __init__(self, outbox: Outbox, polled: Polled) -> None:
         self.polled = polled
-        self._producer = producer
-        self._finished = finished
+        self._outbox = outbox
         self._unsettled = 1  # the block's own hold, until the block ends
         self._lock = threading.Lock()  # sends and delivery reports come from several threads
 
@@ -52,7 +83,7 @@ class Sends:
 
     def __exit__(self, error_type: type[BaseException] | None, *_: object) -> None:
         if error_type is None:  # after an exception, the offset must stay unfinished
-            self._settle()
+            self.settle()
 
     def send(
         self,
@@ -60,50 +91,42 @@ class Sends:
         key: bytes | None,
         value: bytes | None,
         headers: Sequence[tuple[str, bytes]] = (),
-        on_delivered: OnDelivered | None = None,
+        on_acknowledged: OnAcknowledged | None = None,
     ) -> None:
-        """Produce a record for the offset; `on_delivered` runs on its delivery report.
+        """Produce a record for the offset; `on_acknowledged` runs once the broker has it.
 
-        Only a delivery callback of this offset, or its `sending` block, may send: anything
-        later would come after the offset is finished (and perhaps committed)."""
+        Only the offset's `sending` block may send: anything later would come after the
+        offset is finished (and perhaps committed)."""
         with self._lock:
             if self._unsettled == 0:
                 raise RuntimeError(f"{self.polled} is finished: nothing more may be sent for it")
             self._unsettled += 1
-        produced = RECORDS_PRODUCED.labels(topic)
+        record_headers: ProduceHeaders | None = list(headers) or None
+        self._outbox.produce(_Record(self, topic, key, value, record_headers, on_acknowledged))
 
-        def on_delivery(error: KafkaError | None, _message: Message) -> None:
-            if error is None:
-                produced.inc()
-            if on_delivered is not None:
-                on_delivered(error)
-            self._settle()
-
-        # A produce that raises (other than for a full queue) never settles: the offset stays
-        # unfinished, as the module docstring says.
-        record_headers: list[tuple[str, str | bytes | None]] | None = list(headers) or None
-        while True:
-            try:
-                self._producer.produce(
-                    topic, key=key, value=value, headers=record_headers, on_delivery=on_delivery
-                )
-                return
-            except BufferError:
-                time.sleep(0.01)  # the local queue is full; the delivery thread drains it
-
-    def _settle(self) -> None:
+    def settle(self) -> None:
         with self._lock:
             self._unsettled -= 1
             finished = self._unsettled == 0
         if finished:
-            self._finished.put(self.polled)
+            self._outbox.finish(self.polled)
 
 
 class Outbox:
-    def __init__(self, producer: Producer) -> None:
+    def __init__(
+        self, producer: Producer, policy: RetryPolicy, on_undeliverable: Callable[[str], None]
+    ) -> None:
+        """`on_undeliverable` is called, with what happened and what to fix, for a record that
+        cannot be written; it must stop the worker."""
         self._producer = producer
+        self._policy = policy
+        self._on_undeliverable = on_undeliverable
         self._finished: queue.SimpleQueue[Polled] = queue.SimpleQueue()
-        self._closed = threading.Event()
+        # Records to send again, by when: (monotonic due time, tie-breaker, record).
+        self._resends: list[tuple[float, int, _Record]] = []
+        self._resend_order = itertools.count()
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
         self._delivery: threading.Thread | None = None
 
     def start(self, on_crash: Callable[[], None]) -> None:
@@ -114,7 +137,7 @@ class Outbox:
     def sending(self, polled: Polled) -> Sends:
         """`with outbox.sending(polled) as sends:` send the records of `polled` in the block;
         it is finished once the block has ended and they have all settled."""
-        return Sends(self._producer, self._finished, polled)
+        return Sends(self, polled)
 
     def finished(self) -> list[Polled]:
         """The offsets finished since the last call, in the order they finished."""
@@ -126,12 +149,93 @@ class Outbox:
                 return offsets
 
     def close(self) -> None:
-        """Wait (up to 30 s) for the reports of everything sent, then stop the delivery thread."""
-        self._producer.flush(30)
-        self._closed.set()
+        """Wait (up to 30 s) until everything sent has settled or been given up, then stop
+        the delivery thread."""
+        self._closing.set()
         if self._delivery is not None:
             self._delivery.join()
 
+    # ---- for `Sends` ----------------------------------------------------------------------
+
+    def produce(self, record: _Record) -> None:
+        def on_delivery(error: KafkaError | None, _message: Message) -> None:
+            if error is not None:
+                self._failed(record, error)
+                return
+            RECORDS_PRODUCED.labels(record.topic).inc()
+            if record.on_acknowledged is not None:
+                record.on_acknowledged()
+            record.sends.settle()
+
+        while True:
+            try:
+                self._producer.produce(
+                    record.topic,
+                    key=record.key,
+                    value=record.value,
+                    headers=record.headers,
+                    on_delivery=on_delivery,
+                )
+                return
+            except BufferError:
+                # The local queue is full until the delivery thread serves reports, so that
+                # thread must never wait for it: it tries again after its next poll.
+                if threading.current_thread() is self._delivery:
+                    self._resend(record, QUEUE_FULL_WAIT_S)
+                    return
+                time.sleep(QUEUE_FULL_WAIT_S)
+            except KafkaException as exc:
+                self._failed(record, exc.args[0])
+                return
+
+    def finish(self, polled: Polled) -> None:
+        self._finished.put(polled)
+
+    # ---- failures and the delivery thread ---------------------------------------------------
+
+    def _failed(self, record: _Record, error: KafkaError) -> None:
+        if record.attempt >= self._policy.max_attempts:
+            # Never settled: the offset stays unfinished, and the record is read again.
+            self._on_undeliverable(
+                f"Cannot write {record.describe()} after {record.attempt} attempt(s) "
+                f"(IMAGEGEN_MAX_ATTEMPTS): {what_to_fix(error)}"
+            )
+            return
+        delay = self._policy.delay(record.attempt)
+        log.warning(
+            "could not write %s (attempt %d), sending it again in %.2fs: %s",
+            record.describe(),
+            record.attempt,
+            delay,
+            error.str(),
+        )
+        record.attempt += 1
+        self._resend(record, delay)
+
+    def _resend(self, record: _Record, delay_s: float) -> None:
+        with self._lock:
+            due = time.monotonic() + delay_s
+            heapq.heappush(self._resends, (due, next(self._resend_order), record))
+
+    def _due_resends(self) -> list[_Record]:
+        due: list[_Record] = []
+        with self._lock:
+            while self._resends and self._resends[0][0] <= time.monotonic():
+                due.append(heapq.heappop(self._resends)[2])
+        return due
+
     def _deliver_until_closed(self) -> None:
-        while not self._closed.is_set():
+        deadline = math.inf
+        while True:
             self._producer.poll(0.05)
+            for record in self._due_resends():
+                self.produce(record)
+            if self._closing.is_set():
+                deadline = min(deadline, time.monotonic() + CLOSE_WAIT_S)
+                if self._idle() or time.monotonic() > deadline:
+                    return
+
+    def _idle(self) -> bool:
+        """Nothing waits for the broker nor to be sent again."""
+        with self._lock:
+            return not self._resends and len(self._producer) == 0

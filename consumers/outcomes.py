@@ -1,19 +1,17 @@
 """How a record of `imagegen.render` ends: a result for the user and, when it failed, a dead
 letter for operators, sent through the outbox for the record's offset.
 
-What becomes of a record whose delivery fails (the outbox waits for each to settle):
-- a succeeded result: a dead letter takes its place, so the offset waits for that instead;
-- a failed result: a warning; the dead letter sent beside it keeps the record for a replay;
-- a dead letter: the process exits before the offset can be stored, so the record is read
-  again. A dead letter is what must not be lost.
+The outbox retries whatever cannot be written, and stops the worker if it still cannot be,
+before the offset is stored (`imagegen.consumers.outbox`): a result or a dead letter is
+never lost, so the record is finished only once both of a failure's records are
+acknowledged.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
-from confluent_kafka import KafkaError, KafkaException, Message
+from confluent_kafka import Message
 
 from imagegen.consumers.crashes import CrashLedger
 from imagegen.consumers.jobs import Job, Polled, consumed_headers, now_ms
@@ -21,7 +19,9 @@ from imagegen.consumers.models import UnknownModel
 from imagegen.consumers.outbox import Outbox, Sends
 from imagegen.consumers.rendering import seed_for
 from imagegen.consumers.storage import StoredImage
+from imagegen.infra.dead_letter_spill import fits, spill
 from imagegen.infra.metrics import DLQ_RECORDS
+from imagegen.infra.object_store import ObjectStore
 from imagegen.schemas import (
     DeadLetter,
     GenerationResult,
@@ -40,10 +40,13 @@ log = logging.getLogger(__name__)
 class Outcomes:
     """Publishes how jobs ended. Thread-safe."""
 
-    def __init__(self, outbox: Outbox, crashes: CrashLedger, bucket: str, worker_id: str) -> None:
+    def __init__(
+        self, outbox: Outbox, crashes: CrashLedger, store: ObjectStore, worker_id: str
+    ) -> None:
         self._outbox = outbox
         self._crashes = crashes
-        self._bucket = bucket
+        self._store = store  # also where a letter too large to send keeps its original
+        self._bucket = store.bucket
         self._worker_id = worker_id
 
     def succeeded(
@@ -74,12 +77,7 @@ class Outcomes:
         )
         job.span.set_attribute("imagegen.attempts", attempts)
         with self._outbox.sending(job.polled) as sends:
-
-            def delivered(error: KafkaError | None) -> None:
-                if error is not None:
-                    self._dead_letter(sends, job.message, KafkaException(error), Stage.PUBLISH, job)
-
-            sends.send(RESULTS, result.kafka_key, encode(result), job.span.headers, delivered)
+            sends.send(RESULTS, result.kafka_key, encode(result), job.span.headers)
         log.info(
             "%s succeeded: %s (%d bytes, %d attempt(s))",
             request.request_id,
@@ -112,20 +110,8 @@ class Outcomes:
             worker_id=self._worker_id,
             completed_at=utc_now(),
         )
-        request_id = job.request.request_id
-
-        def delivered(delivery_error: KafkaError | None) -> None:
-            if delivery_error is not None:
-                log.warning(
-                    "%s: its failed result did not reach %s (%s); its dead letter keeps the "
-                    "record for a replay",
-                    request_id,
-                    RESULTS,
-                    delivery_error,
-                )
-
         with self._outbox.sending(job.polled) as sends:
-            sends.send(RESULTS, result.kafka_key, encode(result), job.span.headers, delivered)
+            sends.send(RESULTS, result.kafka_key, encode(result), job.span.headers)
             self._dead_letter(sends, job.message, error, stage, job, attempts)
 
     def unreadable(self, message: Message, polled: Polled, error: BaseException) -> None:
@@ -156,24 +142,11 @@ class Outcomes:
             attempts=attempts,
             group=WORKER_GROUP,
         )
+        if not fits(letter):
+            # An exception here leaves the offset unfinished: the record is read again.
+            letter = spill(letter, self._store)
 
-        def delivered(delivery_error: KafkaError | None) -> None:
-            if delivery_error is not None:
-                # Without its dead letter the record must not be committed: exit before its
-                # offset is stored, so that it is read again.
-                log.critical(
-                    "cannot write to %s (%s); exiting",
-                    DLQ,
-                    delivery_error,
-                    extra={
-                        "request_id": job.request.request_id if job is not None else None,
-                        "topic": where.topic,
-                        "partition": where.partition,
-                        "offset": where.offset,
-                        "stage": stage.value,
-                    },
-                )
-                os._exit(70)
+        def delivered() -> None:
             DLQ_RECORDS.labels(stage.value).inc()
             if job is not None:
                 self._crashes.forget(job.record)  # the dead letter keeps the record now
@@ -196,6 +169,4 @@ def _timings(job: Job) -> Timings:
 def _reason(error: BaseException, stage: Stage) -> Reason:
     if isinstance(error, UnknownModel):
         return Reason.UNKNOWN_MODEL
-    return {Stage.RENDER: Reason.RENDER_ERROR, Stage.PUBLISH: Reason.PUBLISH_ERROR}.get(
-        stage, Reason.STORE_ERROR
-    )
+    return Reason.RENDER_ERROR if stage is Stage.RENDER else Reason.STORE_ERROR

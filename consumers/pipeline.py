@@ -7,13 +7,20 @@ Threads, and what each one does:
   (`imagegen.consumers.crashes`): such a request renders alone, and fails without rendering
   once too many died rendering it alone.
 - the render thread batches compatible requests and runs the pipeline, holding a crash mark
-  per request meanwhile, and nothing else, so the device waits only for batching.
+  per request meanwhile, and nothing else, so the device waits only for batching. A batch
+  that runs out of memory is split in halves, down to single requests, before any fails;
+  one that fails otherwise is rendered again one request at a time.
 - a finish pool encodes, stores and publishes every rendered image.
+
+While the object store is unreachable, every lookup and write retries, sharing one outage
+clock, until the outage has lasted `IMAGEGEN_OUTAGE_BUDGET_S` (`imagegen.consumers.retry`);
+the jobs they hold fill the worker's in-flight limit, which pauses its partitions.
 
 From its check until its result is sent, a job holds the claim on its object key
 (`imagegen.consumers.claims`). The work of each job runs inside its log context, and no
-exception vanishes into a pool's future (`_guarded`): every failure becomes a failed result
-and a dead letter (`imagegen.consumers.outcomes`).
+exception vanishes into a pool's future (`_guarded`): a failure of the work becomes a failed
+result and a dead letter (`imagegen.consumers.outcomes`), and a failure to say so stops the
+worker as a crashed thread does, leaving the job's offset unfinished.
 """
 
 from __future__ import annotations
@@ -34,8 +41,8 @@ from imagegen.consumers.crashes import CrashLedger, RenderKilledWorkers
 from imagegen.consumers.jobs import Job, now_ms
 from imagegen.consumers.models import UnknownModel
 from imagegen.consumers.outcomes import Outcomes
-from imagegen.consumers.rendering import Renderer, batch_key, encode_image
-from imagegen.consumers.retry import GaveUp, Interrupted, RetryPolicy, is_transient, retrying
+from imagegen.consumers.rendering import Renderer, RenderOutOfMemory, batch_key, encode_image
+from imagegen.consumers.retry import GaveUp, Interrupted, Outage, RetryPolicy, retrying
 from imagegen.consumers.storage import StoredImage, find, object_key, store_once
 from imagegen.consumers.threads import vital_thread
 from imagegen.infra.logs import log_context
@@ -76,6 +83,7 @@ class RenderPipeline:
         self._crashes = crashes
         self._outcomes = outcomes
         self._policy = policy
+        self._store_outage = Outage()
         self._stopping = stopping
         self._is_current = is_current
         self._claims: Claims[Job] = Claims(lambda job: object_key(job.request))
@@ -84,9 +92,12 @@ class RenderPipeline:
         self._finishers = ThreadPoolExecutor(finish_threads, "finish")
         self._stop_rendering = threading.Event()
         self._render_thread: threading.Thread | None = None
+        self._on_crash: Callable[[], None] = lambda: None
 
     def start(self, on_crash: Callable[[], None]) -> None:
-        """Start the render thread; `on_crash` runs in it should it ever crash."""
+        """Start the render thread; `on_crash` runs, inside an `except` block, in the render
+        thread should it ever crash, and in a pool's thread whose job could not end."""
+        self._on_crash = on_crash
         self._render_thread = vital_thread("render", self._render_loop, on_crash)
         self._render_thread.start()
 
@@ -124,6 +135,7 @@ class RenderPipeline:
             lambda: find(self._store, key),
             self._stopping,
             stage=Stage.STORE.value,
+            outage=self._store_outage,
         )
         if stored is None:
             self._check_crashes(job)
@@ -178,14 +190,13 @@ class RenderPipeline:
         else:
             context = log_context(request_ids=[job.request.request_id for job in batch])
         with context:
-            alone = self._render_batch(batch)
-        # One bad request must not fail the others: render them one by one.
-        for job in alone:
-            self._render([job])
+            again = self._render_batch(batch)
+        for smaller in again:
+            self._render(smaller)
 
-    def _render_batch(self, batch: list[Job]) -> list[Job]:
-        """Render `batch` and hand its images to the finishers; return the jobs to render
-        again one at a time, after a permanent failure of the batch as a whole."""
+    def _render_batch(self, batch: list[Job]) -> list[list[Job]]:
+        """Render `batch` and hand its images to the finishers; return the smaller batches to
+        render instead, when a batch of several fails as a whole."""
         first = batch[0].request
         renderer = self._renderers[first.model]
         log.debug(
@@ -200,23 +211,21 @@ class RenderPipeline:
         started_ms = now_ms()
         try:
             with self._crashes.rendering([(job.record, job.crashes) for job in batch]):
-                images, attempts = retrying(
-                    self._policy,
-                    "render",
-                    lambda: renderer.render([job.request for job in batch]),
-                    self._stopping,
-                    stage=Stage.RENDER.value,
-                )
+                images, attempts = self._render_once(renderer, batch)
         except Interrupted:
             for job in batch:  # uncommitted: the partition's next owner renders them
                 self._release(job)
             return []
-        except GaveUp as gave_up:
-            if len(batch) > 1 and not is_transient(gave_up.error):
-                return batch
-            for job in batch:
-                self._fail(job, gave_up.error, Stage.RENDER, gave_up.attempts)
+        except GaveUp as gave_up:  # a single request
+            self._fail(batch[0], gave_up.error, Stage.RENDER, gave_up.attempts)
             return []
+        except RenderOutOfMemory as error:  # several requests: halves may fit
+            half = len(batch) // 2
+            log.warning("%s; splitting it into %d and %d", error, half, len(batch) - half)
+            return [batch[:half], batch[half:]]
+        except Exception:  # several requests: one bad request must not fail the others
+            log.warning("a batch of %d failed; rendering them one by one", len(batch))
+            return [[job] for job in batch]
         finally:
             observe_gpu_memory(renderer.device)
         render_s = time.perf_counter() - started
@@ -232,6 +241,21 @@ class RenderPipeline:
             )
         return []
 
+    def _render_once(self, renderer: Renderer, batch: list[Job]) -> tuple[list[Image.Image], int]:
+        """The images of `batch` and the attempts they took. A batch of several is tried
+        once (it fails into smaller ones); a single request retries in place: out of
+        memory, its next attempt finds the memory the failed one held handed back."""
+        requests = [job.request for job in batch]
+        if len(batch) > 1:
+            return renderer.render(requests), 1
+        return retrying(
+            self._policy,
+            "render",
+            lambda: renderer.render(requests),
+            self._stopping,
+            stage=Stage.RENDER.value,
+        )
+
     # ---- finishing (finish pool) ---------------------------------------------------------
 
     def _finish(self, job: Job, image: Image.Image, batch_size: int, attempts: int) -> None:
@@ -245,6 +269,7 @@ class RenderPipeline:
             lambda: store_once(self._store, key, data, content_type),
             self._stopping,
             stage=Stage.STORE.value,
+            outage=self._store_outage,
         )
         uploaded = time.perf_counter()
         ENCODE_SECONDS.observe(encoded - started)
@@ -256,18 +281,25 @@ class RenderPipeline:
     # ---- every job's end -----------------------------------------------------------------
 
     def _guarded(self, job: Job, stage: Stage, work: Callable[..., None], *args: Any) -> None:
-        """Run pool work so that no exception vanishes into a future: every failure becomes
-        a failed result and a dead letter."""
+        """Run pool work so that no exception vanishes into a future: a failure of the work
+        becomes a failed result and a dead letter; a failure to end the job so stops the
+        worker (its offset stays unfinished, for the next worker to read again)."""
         with job.log_context():
             try:
-                work(*args)
-            except Interrupted:
-                log.info("released %s unfinished: the worker is stopping", job.request.request_id)
-                self._release(job)
-            except GaveUp as gave_up:
-                self._fail(job, gave_up.error, _stage_of(gave_up.error, stage), gave_up.attempts)
-            except Exception as error:
-                self._fail(job, error, _stage_of(error, stage), 1)
+                self._run_or_fail(job, stage, work, *args)
+            except BaseException:
+                self._on_crash()
+
+    def _run_or_fail(self, job: Job, stage: Stage, work: Callable[..., None], *args: Any) -> None:
+        try:
+            work(*args)
+        except Interrupted:
+            log.info("released %s unfinished: the worker is stopping", job.request.request_id)
+            self._release(job)
+        except GaveUp as gave_up:
+            self._fail(job, gave_up.error, _stage_of(gave_up.error, stage), gave_up.attempts)
+        except Exception as error:
+            self._fail(job, error, _stage_of(error, stage), 1)
 
     def _succeeded(
         self, job: Job, stored: StoredImage, attempts: int, batch_size: int | None

@@ -109,9 +109,10 @@ class Renderer:
                     generator=generators,
                     output_type="pil",
                 )
-        except torch.cuda.OutOfMemoryError as exc:
+        except torch.OutOfMemoryError as exc:  # torch.cuda.OutOfMemoryError is this class
             if self._device.type == "cuda":
-                # Hand the failed batch's cached blocks back, so a smaller batch can fit.
+                # Hand the failed batch's cached blocks back, so that the next try (a
+                # smaller batch, or the same request again) can fit.
                 torch.cuda.empty_cache()
             raise RenderOutOfMemory(
                 f"out of device memory rendering {len(requests)} image(s) of "

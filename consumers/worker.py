@@ -14,7 +14,8 @@ Threads, and what each one owns:
   partitions while too much work is in flight, and stores the offsets of finished work.
   Nothing else touches the consumer.
 - the pipeline's pools and render thread, and the outbox's delivery thread. If the render
-  or the delivery thread dies, the worker stops (`_thread_crashed`).
+  or the delivery thread dies, or a pool's job cannot end, the worker stops
+  (`_thread_crashed`).
 - on SIGTERM, a drain thread waits for that work to finish while the poll loop keeps
   polling, so that the consumer stays in its group until the final commit.
 
@@ -24,6 +25,13 @@ result carries that span's `traceparent`, and a dead letter keeps the original h
 a replay continues the original trace. Every log line about a request carries its
 `request_id` (and partition, offset, trace id): the work of each request runs inside its
 `log_context`.
+
+The worker stops, too, rather than live on holding partitions it cannot serve (`_stop_broken`),
+when a record it produces cannot be written (`imagegen.consumers.outbox`) and when the
+consumer reports an error that waiting does not fix (`imagegen.consumers.broker_errors`).
+What it leaves unfinished stays uncommitted, and `run` raises `WorkerCrashed`. Outages it
+rides out: while the object store is unreachable, the jobs that retry it fill the in-flight
+limit, which pauses the partitions, and the loop polls on, so the worker stays in its group.
 
 Commit order, enforced in `_store_finished`: an offset is stored only once the outbox has
 finished it, which it does once everything produced for the record (its result and, for a
@@ -46,6 +54,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from imagegen.consumers.broker_errors import stops_the_worker, what_to_fix
 from imagegen.consumers.clients import WorkerClients, make_worker_clients
 from imagegen.consumers.crashes import CrashLedger
 from imagegen.consumers.jobs import Job, Polled, admitted_at_ms, consumed_headers
@@ -96,19 +105,22 @@ class RenderWorker:
         self._consumer: Consumer = clients.consumer
         self._serving = ", ".join(renderers)
         self._tracker = OffsetTracker()
-        self._outbox = Outbox(clients.producer)
+        policy = RetryPolicy(
+            settings.max_attempts, settings.retry_base_delay_s, settings.outage_budget_s
+        )
+        self._outbox = Outbox(clients.producer, policy, self._stop_broken)
         crashes = CrashLedger(Path(settings.state_dir) / "worker" / "crashes")
-        self._outcomes = Outcomes(self._outbox, crashes, settings.s3_bucket, self.worker_id)
+        self._outcomes = Outcomes(self._outbox, crashes, clients.store, self.worker_id)
         self._generation = 0  # the assignment; older jobs' completions are ignored
         self._paused = False
-        self._crashed: str | None = None  # the name of a thread that died, if one did
+        self._crashed: str | None = None  # why the worker stopped early, if it did
         self._stopping = threading.Event()
         self._pipeline = RenderPipeline(
             renderers,
             clients.store,
             crashes,
             self._outcomes,
-            RetryPolicy(settings.max_attempts, settings.retry_base_delay_s),
+            policy,
             max_batch=self.options.max_batch,
             max_wait_s=self.options.max_wait_ms / 1000,
             check_threads=self.options.check_threads,
@@ -137,25 +149,38 @@ class RenderWorker:
         self._shutdown()
         if self._crashed is not None:
             raise WorkerCrashed(
-                f"the worker's {self._crashed} thread crashed (traceback above) and the worker "
-                "stopped; its unfinished requests stay uncommitted for the next worker. "
-                "Restart it, and report the traceback if it recurs."
+                f"{self._crashed} The worker stopped; its unfinished requests stay "
+                "uncommitted, for the next worker to read again."
             )
 
     def stop(self) -> None:
         self._stopping.set()
 
     def _thread_crashed(self) -> None:
-        """Stop the worker: the render or the delivery thread died (this runs in it)."""
+        """Stop the worker: a vital thread died, or a pool's job could not end (this runs in
+        that thread, inside its `except` block)."""
         name = threading.current_thread().name
         log.critical("the %s thread crashed", name, exc_info=True)
-        self._crashed = name
+        self._stop_broken(
+            f"The worker's {name} thread crashed (traceback above): restart the worker, and "
+            "report the traceback if it recurs."
+        )
+
+    def _stop_broken(self, why: str) -> None:
+        """Stop the worker, which cannot go on serving its partitions; any thread may call."""
+        log.critical("stopping: %s", why)
+        if self._crashed is None:
+            self._crashed = why
         self._stopping.set()
         self._pipeline.stop_rendering()
 
     def _accept(self, message: Message) -> None:
-        if message.error() is not None:
-            log.warning("consumer error: %s", message.error())
+        consumer_error = message.error()
+        if consumer_error is not None:
+            if stops_the_worker(consumer_error):
+                self._stop_broken(f"The consumer cannot go on: {what_to_fix(consumer_error)}")
+            else:
+                log.warning("consumer error: %s", consumer_error)
             return
         RECORDS_CONSUMED.labels(RENDER).inc()
         polled = Polled.of(message, self._generation)
@@ -164,7 +189,7 @@ class RenderWorker:
             request = decode(GenerationRequest, message.value())
         except Exception as error:
             # The processor admits valid requests only; this record came another way.
-            self._outcomes.unreadable(message, polled, error)
+            self._dead_letter_unreadable(message, polled, error)
             return
         span = start_span(
             "imagegen.render",
@@ -179,6 +204,16 @@ class RenderWorker:
             },
         )
         self._pipeline.submit(Job(message, polled, request, admitted_at_ms(message), span))
+
+    def _dead_letter_unreadable(self, message: Message, polled: Polled, error: Exception) -> None:
+        try:
+            self._outcomes.unreadable(message, polled, error)
+        except Exception:
+            log.critical("cannot dead-letter an unreadable record", exc_info=True)
+            self._stop_broken(
+                f"The dead letter of the unreadable record {polled} could not be built or "
+                "sent (traceback above): report the traceback."
+            )
 
     def _store_finished(self) -> None:
         offsets: list[TopicPartition] = []
@@ -195,9 +230,13 @@ class RenderWorker:
         in_flight = self._tracker.in_flight()
         IN_FLIGHT.set(in_flight)
         if not self._paused and in_flight >= self.options.max_in_flight:
+            # Fetching stops, polling does not: the consumer stays in its group however
+            # long the work in flight takes (an outage of the object store, say).
+            log.debug("pausing: %d request(s) in flight", in_flight)
             self._consumer.pause(self._consumer.assignment())
             self._paused = True
         elif self._paused and in_flight <= self.options.max_in_flight // 2:
+            log.debug("resuming: %d request(s) in flight", in_flight)
             self._consumer.resume(self._consumer.assignment())
             self._paused = False
 

@@ -1,6 +1,8 @@
 """Kafka client factories with safe defaults set in code.
 
 - Producers are idempotent with acks=all: a retried send never duplicates or reorders records.
+- Producers partition keyed records as the Java client does (murmur2), so that a reader can
+  compute which partition holds a key.
 - Consumers never store an offset on their own (`enable.auto.offset.store=false`). The owner
   calls `consumer.store_offsets(message)` once the message is fully handled, and the
   background auto-commit only ever commits stored offsets. A crash therefore replays
@@ -55,8 +57,10 @@ def make_producer(settings: Settings, **overrides: Any) -> Producer:
         # Every record here is one somebody waits for (a request, a result): a millisecond
         # for company, not librdkafka's five. Bulk senders pass a longer linger.
         "linger.ms": 1,
-        # The Java client's partitioner, which faust (aiokafka) also uses: a key lands on
-        # the same partition whichever of our producers sends it.
+        # Readers compute where a key lands (`imagegen fetch` reads only the results
+        # partition of its request id: `infra.partitioning`). That needs one partitioner
+        # for every producer: murmur2, the Java client's default and aiokafka's (faust, in
+        # the processor), not librdkafka's default CRC32.
         "partitioner": "murmur2_random",
         **overrides,
     }

@@ -21,6 +21,10 @@ the latter.
   for `faust.Worker(app, loglevel=..., logging_config=...)`: mode's worker clears the root
   logger's handlers and applies that dict as it is, so faust's own lines come out in the
   same format.
+
+No line carries a credential, at any level: both install `Redactor`, which scrubs every
+secret setting's value and the signature and credential of presigned S3 URLs (urllib3 logs
+each request line at debug, query string and all) before any line is formatted.
 """
 
 from __future__ import annotations
@@ -28,12 +32,16 @@ from __future__ import annotations
 import json
 import logging
 import logging.config
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, get_args
+from urllib.parse import quote
+
+from pydantic import SecretStr
 
 from imagegen.infra.settings import LogLevel, Settings
 from imagegen.schemas.errors import ConfigError
@@ -49,6 +57,11 @@ CONTEXT_FIELDS = (
     "trace_id",
 )
 LEVELS: tuple[str, ...] = get_args(LogLevel)
+REDACTED = "[redacted]"
+# SigV4 query parameters of a presigned URL, and the same words in an Authorization header.
+_SIGNED = re.compile(
+    r"((?:X-Amz-)?(?:Signature|Credential|Security-Token)=)[^&\s,;\"'<>]+", re.IGNORECASE
+)
 
 _context: ContextVar[Mapping[str, object]] = ContextVar(
     "imagegen_log_context", default=MappingProxyType({})
@@ -113,20 +126,71 @@ class TextFormatter(logging.Formatter):
         return f"{text} [{' '.join(f'{name}={value}' for name, value in fields.items())}]"
 
 
+class Redactor(logging.Filter):
+    """Replaces `secrets`, and the signature and credential of signed URLs, in each record's
+    message, traceback and stack with `REDACTED`.
+
+    A handler's filter, not a logger's: it then sees every record the handler writes,
+    whichever library's logger it comes from.
+    """
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        super().__init__()
+        # Each as written, as a URL carries it, and as repr() shows it inside a message.
+        spellings = {
+            spelling
+            for secret in secrets
+            if secret
+            for spelling in (secret, quote(secret, safe=""), repr(secret)[1:-1])
+        }
+        # Longest first, so that a secret containing another is replaced whole.
+        self._secrets = sorted(spellings, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        return _SIGNED.sub(rf"\1{REDACTED}", text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # arguments that do not fit: no reason to raise
+            message = f"{record.msg} {record.args}"
+        record.msg = self.redact(message)
+        record.args = None
+        if record.exc_info:
+            # Formatted here, so that the handler's formatter prints the redacted text.
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
+        return True
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """The values of every secret setting that is set."""
+    values = (getattr(settings, name) for name in type(settings).model_fields)
+    return [value.get_secret_value() for value in values if isinstance(value, SecretStr)]
+
+
 def logging_config(settings: Settings, level: str | None = None) -> dict[str, Any]:
     """A `dictConfig` dict: the root logger at `level` (default: the settings' level),
-    writing to stderr in the settings' format."""
+    writing to stderr in the settings' format, through a `Redactor` of its secrets."""
     formatter = JsonFormatter if settings.log_format == "json" else TextFormatter
     return {
         "version": 1,
         # Module loggers exist from import time on; dictConfig would silence them.
         "disable_existing_loggers": False,
         "formatters": {"imagegen": {"()": formatter}},
+        "filters": {"redact": {"()": Redactor, "secrets": secrets_of(settings)}},
         "handlers": {
             "stderr": {
                 "class": "logging.StreamHandler",
                 "stream": "ext://sys.stderr",
                 "formatter": "imagegen",
+                "filters": ["redact"],
             }
         },
         "root": {"level": _level(level or settings.log_level), "handlers": ["stderr"]},

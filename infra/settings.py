@@ -64,13 +64,18 @@ class Settings(BaseSettings):
     s3_secure: bool = False
     s3_region: str = "us-east-1"
 
-    # Intake: dedupe memory and rate limits (tokens per second, bucket size).
+    # Intake: dedupe memory and rate limits.
     dedupe_window_s: float = Field(default=86_400, gt=0)
+    # Rates are in tokens a second, bursts (bucket sizes) in tokens. Tokens are cost units:
+    # a request costs ceil(width * height * steps / (512 * 512 * 25)) tokens, at least 1,
+    # so a 512x512, 25-step image is one. A user's burst is also the dearest request they
+    # may make: one costing more is rejected `exceeds_burst`. The global bucket counts the
+    # same units, shared out over the partitions of imagegen.requests.
     rate_user_per_s: float = Field(default=2.0, gt=0)
     rate_user_burst: float = Field(default=10.0, ge=1)
     rate_global_per_s: float = Field(default=200.0, gt=0)
     rate_global_burst: float = Field(default=400.0, ge=1)
-    # Per-user tiers: {"user_id": {"per_s": 20, "burst": 50}, ...}
+    # Per-user tiers, in the same tokens: {"user_id": {"per_s": 20, "burst": 50}, ...}
     rate_user_overrides: dict[str, RateOverride] = Field(default_factory=dict)
 
     # Render workers: attempts per request before it fails to the DLQ, and the first

@@ -2,21 +2,32 @@
 
 `ensure_topics` creates what is missing and leaves existing topics alone, so every process may
 call it at start-up. On a managed cluster where clients may not create topics, create these
-by hand with the same names.
+by hand with the same names and configs.
+
+Created topics carry `min.insync.replicas` = min(2, their replication factor): with the
+producers' `acks=all`, a write then survives the loss of any one broker, and a topic with a
+single replica still accepts writes. When the replication factor is the cluster's default
+(`IMAGEGEN_TOPIC_REPLICATION_FACTOR=-1`), it is read from the broker's
+`default.replication.factor`; a broker that does not say (Tansu, or one whose ACLs refuse
+DescribeConfigs) keeps its own `min.insync.replicas`.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from imagegen.infra.settings import Settings
 from imagegen.schemas.errors import BrokerUnavailable
 from imagegen.schemas.topics import DLQ, RENDER, REQUESTS, RESULTS
 
 DAY_MS = 24 * 60 * 60 * 1000
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,16 +48,22 @@ TOPICS: tuple[TopicSpec, ...] = (
 )
 
 
-def ensure_topics(admin: AdminClient, settings: Settings, timeout_s: float = 15.0) -> list[str]:
-    """Create the missing topics; return the names created."""
+def ensure_topics(
+    admin: AdminClient,
+    settings: Settings,
+    timeout_s: float = 15.0,
+    topics: Sequence[TopicSpec] = TOPICS,
+) -> list[str]:
+    """Create the missing `topics`; return the names created."""
+    durability = _durability(admin, settings.topic_replication_factor, timeout_s)
     new = [
         NewTopic(
             spec.name,
             num_partitions=spec.partitions,
             replication_factor=settings.topic_replication_factor,
-            config=spec.config,
+            config={**durability, **spec.config},
         )
-        for spec in TOPICS
+        for spec in topics
     ]
     created = []
     futures = admin.create_topics(new, request_timeout=timeout_s)
@@ -67,3 +84,34 @@ def ensure_topics(admin: AdminClient, settings: Settings, timeout_s: float = 15.
             ) from exc
         created.append(name)
     return created
+
+
+def _durability(admin: AdminClient, replication_factor: int, timeout_s: float) -> dict[str, str]:
+    """The `min.insync.replicas` config for topics created with `replication_factor`."""
+    if replication_factor == -1:
+        default = _default_replication_factor(admin, timeout_s)
+        if default is None:
+            log.info(
+                "the broker does not say its default.replication.factor: new topics keep the "
+                "broker's min.insync.replicas (set IMAGEGEN_TOPIC_REPLICATION_FACTOR to choose)"
+            )
+            return {}
+        replication_factor = default
+    return {"min.insync.replicas": str(min(2, replication_factor))}
+
+
+def _default_replication_factor(admin: AdminClient, timeout_s: float) -> int | None:
+    """The replication factor the cluster gives a topic created with -1, if a broker says."""
+    try:
+        brokers = admin.list_topics(timeout=timeout_s).brokers
+        if not brokers:
+            return None
+        resource = ConfigResource(ResourceType.BROKER, str(min(brokers)))
+        futures = admin.describe_configs([resource], request_timeout=timeout_s)
+        entry = futures[resource].result(timeout=timeout_s).get("default.replication.factor")
+    except (KafkaException, TimeoutError):
+        # Creating the topics next reports an unreachable broker, with advice.
+        return None
+    if entry is None or entry.value is None:
+        return None
+    return int(entry.value)

@@ -23,6 +23,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,6 +31,7 @@ import faust
 from faust.streams import Stream
 from faust.types import EventT, StreamT
 
+from imagegen.infra.dead_letter_spill import fits, spill
 from imagegen.infra.kafka import check_broker, make_admin
 from imagegen.infra.logs import logging_config
 from imagegen.infra.metrics import (
@@ -40,14 +42,16 @@ from imagegen.infra.metrics import (
     LagMonitor,
     serve,
 )
+from imagegen.infra.object_store import ObjectStore
 from imagegen.infra.settings import Settings
 from imagegen.infra.topics import ensure_topics
 from imagegen.infra.tracing import Span, start_span, trace_headers
 from imagegen.processors.faust_app import App
 from imagegen.processors.intake import Admit, Answer, Drop, Intake, Invalid, Outcome, StageFailed
 from imagegen.processors.state import WriteBehind
+from imagegen.processors.trust import screen
 from imagegen.schemas import DeadLetter, Stage, Status, encode
-from imagegen.schemas.headers import ADMITTED_AT_HEADER, REPLAY_HEADER, TRACEPARENT, TRACESTATE
+from imagegen.schemas.headers import ADMITTED_AT_HEADER, TRACEPARENT, TRACESTATE
 from imagegen.schemas.topics import DLQ, PROCESSOR_GROUP, RENDER, REQUESTS, RESULTS
 
 # A batch closes at BATCH_MAX records or BATCH_WITHIN_S after its first, whichever is first:
@@ -62,6 +66,17 @@ log = logging.getLogger(__name__)
 Headers = list[tuple[str, bytes]]
 # A record handed to the producer: its topic, and the broker's acknowledgement to await.
 Sent = tuple[str, Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Started:
+    """A decided event: its outcome (None once dead-lettered by a failed stage), the sends
+    it started, and the error that stopped one from starting."""
+
+    event: EventT
+    outcome: Outcome | None
+    sends: list[Sent]
+    failure: BaseException | None = None
 
 
 class IntakeProcessor:
@@ -114,11 +129,29 @@ class IntakeProcessor:
     async def _handle_batch(self, events: Sequence[EventT]) -> None:
         if time.monotonic() >= self._next_sweep:
             self._sweep()
-        sending = []
+        started = []
         for event in events:
-            for store in self.state:
-                store.partition = event.message.partition
-            sending.append((event, await self._start(event)))
+            self._deciding(event)
+            started.append(await self._start(event))
+        await self._flush_state()
+        for record in started:
+            acks = (ack for _, ack in record.sends)
+            results = await asyncio.gather(*acks, return_exceptions=True)
+            failed = (result for result in results if isinstance(result, BaseException))
+            failure = record.failure or next(failed, None)
+            if failure is not None:
+                await self._unpublished(record, failure)
+            for (topic, _), result in zip(record.sends, results, strict=True):
+                if not isinstance(result, BaseException):
+                    RECORDS_PRODUCED.labels(topic).inc()
+        await self._flush_state()  # the dedupe entries that failed sends released
+
+    def _deciding(self, event: EventT) -> None:
+        """Point the state at the changelog partition of the record about to change it."""
+        for store in self.state:
+            store.partition = event.message.partition
+
+    async def _flush_state(self) -> None:
         try:
             changelog = []
             for store in self.state:
@@ -128,14 +161,6 @@ class IntakeProcessor:
             # Nothing of this batch is acked yet: the restarted processor decides it again.
             log.critical("cannot write the intake state; exiting", exc_info=True)
             os._exit(70)
-        for event, sends in sending:
-            results = await asyncio.gather(*(ack for _, ack in sends), return_exceptions=True)
-            failure = next((r for r in results if isinstance(r, BaseException)), None)
-            if failure is not None:
-                await self._dead_letter(event, failure, Stage.PUBLISH)
-            for (topic, _), result in zip(sends, results, strict=True):
-                if not isinstance(result, BaseException):
-                    RECORDS_PRODUCED.labels(topic).inc()
 
     def _sweep(self) -> None:
         """Delete the dedupe entries past the window and the token buckets refilled to their
@@ -157,31 +182,36 @@ class IntakeProcessor:
                     store.delete(key, partition)
         self._next_sweep = time.monotonic() + self._sweep_interval_s
 
-    async def _start(self, event: EventT) -> list[Sent]:
-        """Decide the event's outcome and start its sends; return their acknowledgements."""
+    async def _start(self, event: EventT) -> Started:
+        """Decide the event's outcome and start its sends."""
         message = event.message
-        headers = _headers(event)
+        trusted = screen(_headers(event), self.settings)
         try:
             outcome = self.intake.decide(
-                event.value, message.partition, message.offset, _replayed(headers)
+                event.value,
+                message.partition,
+                message.offset,
+                key=event.key,
+                replayed=trusted.replay_of is not None,
             )
         except StageFailed as failure:
             await self._dead_letter(event, failure.__cause__ or failure, failure.stage)
-            return []
-        span = _intake_span(headers, outcome)
+            return Started(event, None, [])
+        span = _intake_span(trusted.headers, outcome)
         try:
-            return await self._perform(outcome, event, headers, span.headers)
+            sends = await self._perform(outcome, event, trusted.headers, span.headers)
+            return Started(event, outcome, sends)
         except Exception as exc:
             span.end(exc)
-            await self._dead_letter(event, exc, Stage.PUBLISH)
-            return []
+            return Started(event, outcome, [], failure=exc)
         finally:
             span.end()
 
     async def _perform(
         self, outcome: Outcome, event: EventT, headers: Headers, trace: Headers
     ) -> list[Sent]:
-        """Start the outcome's sends; what they produce continues the request's trace."""
+        """Start the outcome's sends; what they produce continues the request's trace.
+        `headers` are the record's trusted ones: none in a reserved namespace."""
         INTAKE_REQUESTS.labels(outcome_label(outcome)).inc()
         match outcome:
             case Admit():
@@ -197,6 +227,28 @@ class IntakeProcessor:
                 if result is None:
                     return []
                 return [await self._send(RESULTS, result.kafka_key, encode(result), trace)]
+
+    async def _unpublished(self, record: Started, failure: BaseException) -> None:
+        """Dead-letter a record whose sends failed, answer it `publish_error`, and release
+        its dedupe entry so that the user's retry is admitted. Exits, the batch unacked,
+        when the answer cannot be written: the restarted processor decides the record again."""
+        await self._dead_letter(record.event, failure, Stage.PUBLISH)
+        if record.outcome is None:
+            return
+        message = record.event.message
+        try:
+            self._deciding(record.event)
+            answer = self.intake.unpublished(
+                record.outcome, message.partition, message.offset, failure
+            )
+            if answer is None:
+                return
+            _, delivered = await self._send(RESULTS, answer.kafka_key, encode(answer), [])
+            await delivered
+            RECORDS_PRODUCED.labels(RESULTS).inc()
+        except Exception:
+            log.critical("cannot answer a record its send failed; exiting", exc_info=True)
+            os._exit(70)
 
     async def _dead_letter(self, event: EventT, error: BaseException, stage: Stage) -> None:
         message = event.message
@@ -224,13 +276,21 @@ class IntakeProcessor:
         else:
             log.error("dead-lettered a record", exc_info=error, extra=where)
         try:
+            if not fits(letter):
+                # A record near the size limit: its letter would be over it (S3 blocks).
+                letter = await asyncio.to_thread(spill, letter, ObjectStore(self.settings))
             _, delivered = await self._send(DLQ, letter.key, letter.value, letter.headers())
             await delivered
             DLQ_RECORDS.labels(stage.value).inc()
             RECORDS_PRODUCED.labels(DLQ).inc()
         except Exception:
             # The record is not acked yet: exiting now makes the next processor read it again.
-            log.critical("cannot write to %s; exiting so the record is retried", DLQ, exc_info=True)
+            log.critical(
+                "cannot write the dead letter to %s (or its original to the object store); "
+                "exiting so the record is retried",
+                DLQ,
+                exc_info=True,
+            )
             os._exit(70)
 
     async def _send(
@@ -370,10 +430,6 @@ def _headers(event: EventT) -> Headers:
     headers = event.message.headers or []
     items = headers.items() if isinstance(headers, Mapping) else headers
     return [(name, value or b"") for name, value in items]
-
-
-def _replayed(headers: Headers) -> bool:
-    return any(name == REPLAY_HEADER for name, _ in headers)
 
 
 def _now_ms() -> bytes:

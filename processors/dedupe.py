@@ -60,3 +60,15 @@ class Deduper:
 
     def remember(self, request: GenerationRequest, partition: int, offset: int, now: float) -> None:
         self._memory[dedupe_key(request)] = [request.request_id, now, partition, offset]
+
+    def forget(self, request: GenerationRequest, partition: int, offset: int) -> None:
+        """Release the entry the record at (partition, offset) made for `request`, so that
+        the request's next publish is new again. An entry another record made stays."""
+        key = dedupe_key(request)
+        entry = self._memory.get(key)
+        if entry is not None and (entry[0], entry[2], entry[3]) == (
+            request.request_id,
+            partition,
+            offset,
+        ):
+            del self._memory[key]

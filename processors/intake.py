@@ -1,4 +1,5 @@
-"""The intake decision for one record: validate, dedupe, rate limit, admit, in that order.
+"""The intake decision for one record: validate (the schema, and the key against user_id),
+dedupe, rate limit by cost, admit, in that order; and the answer when its sends fail.
 
 `Intake.decide` is pure logic over two dict-like stores, the dedupe memory and the token
 buckets; the faust app (`imagegen.processors.app`) passes its tables in and performs the outcome.
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from imagegen.infra.settings import Settings
 from imagegen.processors.dedupe import Deduper, Seen
-from imagegen.processors.ratelimit import RateLimiter
+from imagegen.processors.ratelimit import TOKEN_WORK, RateLimiter, request_cost
 from imagegen.processors.state import Store
 from imagegen.schemas import GenerationRequest, GenerationResult, Reason, Stage, Status, decode
 from imagegen.schemas.errors import InvalidMessage
@@ -71,6 +72,10 @@ def _stage(stage: Stage) -> Iterator[None]:
         raise StageFailed(stage) from exc
 
 
+# How much of a wrong key a rejection quotes: keys are the publishers' to make up, any size.
+_KEY_SHOWN = 64
+
+
 class _Identity(BaseModel):
     request_id: RequestId
     user_id: UserId
@@ -90,19 +95,32 @@ class Intake:
         self._clock = clock
 
     def decide(
-        self, value: bytes | None, partition: int, offset: int, replayed: bool = False
+        self,
+        value: bytes | None,
+        partition: int,
+        offset: int,
+        *,
+        key: bytes | None,
+        replayed: bool = False,
     ) -> Outcome:
         """The outcome for one record. Raises `StageFailed` only on an unexpected error.
 
-        `replayed` marks an operator's replay from the DLQ: the same request_id again is
-        then admitted instead of dropped, because its first attempt failed somewhere. A
-        worker never renders an image twice: it publishes the stored one when it exists.
+        `key` is the record's Kafka key, which must be its user_id: the per-user limit and
+        dedupe are exact only because all of a user's requests share one partition.
+
+        `replayed` marks an operator's replay from the DLQ, its mark verified: the same
+        request_id again is then admitted instead of dropped, because its first attempt
+        failed somewhere, and it skips the rate limit, because the user already paid for
+        that attempt. A worker never renders an image twice: it publishes the stored one
+        when it exists.
         """
         with _stage(Stage.VALIDATE):
             try:
                 request = decode(GenerationRequest, value)
             except InvalidMessage as exc:
                 return Invalid(exc, _rejection_for_invalid(value, exc))
+            if key != request.kafka_key:
+                return _misrouted(request, key)
 
         now = self._clock()
         with _stage(Stage.DEDUPE):
@@ -122,21 +140,69 @@ class Intake:
                 )
             )
 
-        with _stage(Stage.RATELIMIT):
-            retry_after_ms = self._limiter.take(request.user_id, partition, now)
-        if retry_after_ms is not None:
+        if not replayed:
+            with _stage(Stage.RATELIMIT):
+                refusal = self._rate_limit(request, partition, now)
+            if refusal is not None:
+                return refusal
+        with _stage(Stage.DEDUPE):
+            self._deduper.remember(request, partition, offset, now)
+        return Admit(request)
+
+    def unpublished(
+        self, outcome: Outcome, partition: int, offset: int, error: BaseException
+    ) -> GenerationResult | None:
+        """The answer for a record whose outcome could not be sent: `failed` with reason
+        `publish_error`. An admission's dedupe entry is released with it, so the user's
+        retry is admitted instead of being dropped for the whole window. None where no
+        one can be answered: the record's ids were unreadable, or it sent nothing."""
+        match outcome:
+            case Admit(request=request):
+                self._deduper.forget(request, partition, offset)
+                request_id, user_id = request.request_id, request.user_id
+            case Answer(result=result) | Invalid(result=GenerationResult() as result):
+                request_id, user_id = result.request_id, result.user_id
+            case _:
+                return None
+        detail = (
+            f"the processor could not send this request's outcome on ({type(error).__name__}: "
+            f"{error}); the record is in the DLQ, and publishing the request again is safe"
+        )
+        return GenerationResult(
+            request_id=request_id,
+            user_id=user_id,
+            status=Status.FAILED,
+            reason=Reason.PUBLISH_ERROR,
+            detail=detail[:4000],
+            completed_at=utc_now(),
+        )
+
+    def _rate_limit(self, request: GenerationRequest, partition: int, now: float) -> Answer | None:
+        """A rejection, or None once the request's cost is taken from its buckets."""
+        cost = request_cost(request.width, request.height, request.steps)
+        largest = self._limiter.largest_cost(request.user_id)
+        if cost > largest:
             return Answer(
                 _result(
                     request,
                     Status.REJECTED,
-                    reason=Reason.RATE_LIMITED,
-                    retry_after_ms=retry_after_ms,
-                    detail=f"rate limit reached; retry in {retry_after_ms} ms",
+                    reason=Reason.EXCEEDS_BURST,
+                    detail=_exceeds_burst_detail(request, cost, largest),
                 )
             )
-        with _stage(Stage.DEDUPE):
-            self._deduper.remember(request, partition, offset, now)
-        return Admit(request)
+        retry_after_ms = self._limiter.take(request.user_id, partition, cost, now)
+        if retry_after_ms is None:
+            return None
+        return Answer(
+            _result(
+                request,
+                Status.REJECTED,
+                reason=Reason.RATE_LIMITED,
+                retry_after_ms=retry_after_ms,
+                detail=f"rate limit reached: this request costs {cost} token(s); "
+                f"retry in {retry_after_ms} ms",
+            )
+        )
 
     def expired_dedupe(self, entries: Iterable[tuple[str, list]]) -> list[tuple[str, int]]:
         """The dedupe entries past the window, as (key, partition)."""
@@ -166,6 +232,37 @@ def _result(
         duplicate_of=duplicate_of,
         model=request.model,
         completed_at=utc_now(),
+    )
+
+
+def _misrouted(request: GenerationRequest, key: bytes | None) -> Invalid:
+    shown = "no key" if key is None else f"key {key[:_KEY_SHOWN]!r}"
+    if key is not None and len(key) > _KEY_SHOWN:
+        shown += f" (first {_KEY_SHOWN} of {len(key)} bytes)"
+    error = InvalidMessage(
+        f"the record has {shown}, not its user_id {request.user_id!r}: publish each request "
+        "keyed by its user_id (RequestPublisher does), so that a user's requests share one "
+        "partition and their rate limit and dedupe hold",
+        [("key", "must equal user_id")],
+    )
+    return Invalid(
+        error,
+        _result(request, Status.REJECTED, reason=Reason.INVALID_REQUEST, detail=str(error)),
+    )
+
+
+def _exceeds_burst_detail(request: GenerationRequest, cost: int, largest: int) -> str:
+    # The same size at fewer steps is the nearest request that fits. It has at least one
+    # step: a burst holds at least one token, and sides of at most 2048 make one step of
+    # any size cost one token.
+    steps = max(1, largest * TOKEN_WORK // (request.width * request.height))
+    example = f"{request.width}x{request.height} at {steps} steps"
+    return (
+        f"this request costs {cost} tokens ({request.width}x{request.height}, "
+        f"{request.steps} steps; a token is 512x512 at 25 steps), more than the "
+        f"{largest} tokens user {request.user_id!r}'s bucket holds: the largest request "
+        f"allowed costs {largest} tokens, width x height x steps at most "
+        f"{largest * TOKEN_WORK} (for example {example})"
     )
 
 

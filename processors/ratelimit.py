@@ -1,5 +1,8 @@
 """Token buckets: one per user, and one global bucket split across partitions.
 
+A token is the work of one 512x512, 25-step image: a request costs
+ceil(width * height * steps / (512 * 512 * 25)) tokens, at least 1, from both buckets.
+
 Requests are keyed by user_id, so each user's bucket lives in exactly one partition and is
 exact however many processors run. The global limit cannot be exact without coordination
 between instances, so each partition holds an equal share of it: rate/P tokens per second
@@ -17,6 +20,14 @@ from dataclasses import dataclass
 from imagegen.infra.settings import Settings
 from imagegen.processors.state import Store
 
+# The work one token pays for: pixels * steps of a 512x512, 25-step image.
+TOKEN_WORK = 512 * 512 * 25
+
+
+def request_cost(width: int, height: int, steps: int) -> int:
+    """Tokens a request costs: its pixels * steps in TOKEN_WORK, rounded up, at least 1."""
+    return max(1, -(-width * height * steps // TOKEN_WORK))
+
 
 @dataclass(frozen=True)
 class Limit:
@@ -33,13 +44,14 @@ class Bucket:
         elapsed = max(0.0, now - self.updated_at)  # a clock step backwards refills nothing
         return Bucket(min(limit.burst, self.tokens + elapsed * limit.per_s), now)
 
-    def wait_ms(self, limit: Limit) -> int:
-        """Milliseconds until this (refilled) bucket holds one token."""
-        return math.ceil(max(0.0, 1.0 - self.tokens) / limit.per_s * 1000)
+    def wait_ms(self, limit: Limit, cost: float) -> int:
+        """Milliseconds until this (refilled) bucket holds `cost` tokens."""
+        return math.ceil(max(0.0, cost - self.tokens) / limit.per_s * 1000)
 
 
 class RateLimiter:
-    """Takes tokens from a user's bucket and the partition's share of the global one.
+    """Takes a request's cost from its user's bucket and the partition's share of the
+    global one.
 
     `buckets` maps "user:<id>" and "global:<partition>" to [tokens, updated_at, partition];
     a faust table in the processor, so the buckets survive restarts. A bucket that has
@@ -61,21 +73,32 @@ class RateLimiter:
     def limit_for(self, user_id: str) -> Limit:
         return self._overrides.get(user_id, self._default)
 
-    def take(self, user_id: str, partition: int, now: float) -> int | None:
-        """Take one token from both buckets and return None, or take nothing and return
-        how many milliseconds until both would have a token."""
+    def largest_cost(self, user_id: str) -> int:
+        """The dearest request the user's bucket can ever pay for: a full burst."""
+        return math.floor(self.limit_for(user_id).burst)
+
+    def take(self, user_id: str, partition: int, cost: int, now: float) -> int | None:
+        """Take `cost` tokens from both buckets and return None, or take nothing and return
+        how many milliseconds until both would hold enough.
+
+        The caller keeps `cost` within `largest_cost`, or the user's bucket never holds
+        enough. A partition's share of the global burst can be smaller than that (it is the
+        global burst split P ways, an artefact of partitioning, not the user's limit), so
+        a request dearer than the share takes the whole share instead of waiting for ever.
+        """
         checks = [
-            (f"user:{user_id}", self.limit_for(user_id)),
-            (f"global:{partition}", self._global_share),
+            (f"user:{user_id}", self.limit_for(user_id), float(cost)),
+            (f"global:{partition}", self._global_share, min(cost, self._global_share.burst)),
         ]
         refilled = [
-            (key, limit, self._load(key, limit, now).refilled(limit, now)) for key, limit in checks
+            (key, limit, price, self._load(key, limit, now).refilled(limit, now))
+            for key, limit, price in checks
         ]
-        if all(bucket.tokens >= 1.0 for _, _, bucket in refilled):
-            for key, _, bucket in refilled:
-                self._buckets[key] = [bucket.tokens - 1.0, bucket.updated_at, partition]
+        if all(bucket.tokens >= price for _, _, price, bucket in refilled):
+            for key, _, price, bucket in refilled:
+                self._buckets[key] = [bucket.tokens - price, bucket.updated_at, partition]
             return None
-        return max(bucket.wait_ms(limit) for _, limit, bucket in refilled)
+        return max(bucket.wait_ms(limit, price) for _, limit, price, bucket in refilled)
 
     def full(self, entries: Iterable[tuple[str, list]], now: float) -> list[tuple[str, int]]:
         """The keys among `entries` (key, stored bucket) whose buckets have refilled to their

@@ -27,6 +27,8 @@ class Store(Protocol):
 
     def __setitem__(self, key: str, value: Any, /) -> None: ...
 
+    def __delitem__(self, key: str, /) -> None: ...
+
 
 # A pending deletion: the key leaves the store, and a tombstone goes to the changelog.
 _DELETED = object()
@@ -59,9 +61,16 @@ class WriteBehind:
         self._pending[key] = (_DELETED, partition)
 
     def __setitem__(self, key: str, value: Any) -> None:
+        self._pending[key] = (value, self._deciding())
+
+    def __delitem__(self, key: str) -> None:
+        self.delete(key, self._deciding())
+
+    def _deciding(self) -> int:
+        """The changelog partition of the record being decided."""
         if self.partition is None:
             raise RuntimeError("a table changed outside the decision of a record")
-        self._pending[key] = (value, self.partition)
+        return self.partition
 
     async def flush(self, producer: ProducerT) -> list[Awaitable[Any]]:
         """Apply this batch's changes and send them to the changelog; return the sends'

@@ -8,18 +8,9 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from imagegen.schemas.errors import InvalidMessage
-from imagegen.schemas.fields import SCHEMA_VERSION
+from imagegen.schemas.fields import PATTERN_HELP, SCHEMA_VERSION
 
 Model = TypeVar("Model", bound=BaseModel)
-
-#: Plain words for fields whose rule is a regular expression.
-_PATTERN_HELP = {
-    "user_id": "must be 1-128 characters of letters, digits, '.', '_', '@' or '-'",
-    "model": "must be 1-128 characters of letters, digits, '.', '_', '/' or '-', "
-    "starting with a letter or digit",
-    "idempotency_key": "must not contain control characters",
-    "sha256": "must be 64 lowercase hex digits",
-}
 
 #: A request is a few KiB at most; anything far bigger is abuse or a bug, not a request.
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -67,8 +58,8 @@ def _describe(error: Mapping[str, Any]) -> tuple[str, str]:
         return field, f"unknown field (not part of schema version {SCHEMA_VERSION})"
     if kind == "missing":
         return field, "required"
-    if kind == "string_pattern_mismatch" and field in _PATTERN_HELP:
-        return field, _PATTERN_HELP[field]
+    if kind == "string_pattern_mismatch":
+        return field, PATTERN_HELP.get(error["ctx"]["pattern"], message)
     if field == "schema_version" and kind == "literal_error":
         return field, (
             f"unsupported version {error['input']!r}; this build reads version {SCHEMA_VERSION}"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from imagegen.schemas.codec import MAX_MESSAGE_BYTES
 from imagegen.schemas.requests import GenerationRequest
 from imagegen.schemas.results import GenerationResult
 
@@ -20,6 +21,11 @@ CONTRACTS: dict[str, type[BaseModel]] = {
 def render(model: type[BaseModel]) -> str:
     schema = model.model_json_schema(mode="serialization")
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    # The one rule a schema cannot state. Every valid document fits well inside it, unless
+    # padded with whitespace or escapes.
+    schema["$comment"] = (
+        f"Readers also refuse any message over {MAX_MESSAGE_BYTES} bytes, whatever it holds."
+    )
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 
 

@@ -15,7 +15,9 @@ from imagegen.schemas.fields import (
     NegativePrompt,
     Prompt,
     RequestId,
+    SchemaVersion,
     Seed,
+    Steps,
     UserId,
     UtcDatetime,
     new_request_id,
@@ -32,7 +34,7 @@ class GenerationRequest(BaseModel):
     # not a silently ignored option.
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: SchemaVersion = SCHEMA_VERSION
     request_id: RequestId
     user_id: UserId
     prompt: Prompt
@@ -40,7 +42,7 @@ class GenerationRequest(BaseModel):
     model: ModelName = "tiny"
     width: ImageSide = 512
     height: ImageSide = 512
-    steps: int = Field(default=25, ge=1, le=100)
+    steps: Steps = 25
     guidance_scale: float = Field(default=7.5, ge=0, le=30, allow_inf_nan=False)
     seed: Seed | None = Field(
         default=None,

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal, Self
+from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from imagegen.schemas.fields import SCHEMA_VERSION, ModelName, RequestId, Seed, UserId, UtcDatetime
+from imagegen.schemas.fields import (
+    SCHEMA_VERSION,
+    Milliseconds,
+    ModelName,
+    NonNegativeInt,
+    PositiveInt,
+    RequestId,
+    SchemaVersion,
+    Seed,
+    Sha256,
+    UserId,
+    UtcDatetime,
+)
 
 
 class Status(StrEnum):
@@ -23,6 +35,8 @@ class Reason(StrEnum):
 
     INVALID_REQUEST = "invalid_request"
     RATE_LIMITED = "rate_limited"
+    #: The request costs more tokens than the user's bucket ever holds: no wait helps.
+    EXCEEDS_BURST = "exceeds_burst"
     UNKNOWN_MODEL = "unknown_model"
     RENDER_ERROR = "render_error"
     STORE_ERROR = "store_error"
@@ -32,44 +46,89 @@ class Reason(StrEnum):
 class Timings(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    queue_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    render_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    encode_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    upload_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    total_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    queue_ms: Milliseconds | None = None
+    render_ms: Milliseconds | None = None
+    encode_ms: Milliseconds | None = None
+    upload_ms: Milliseconds | None = None
+    total_ms: Milliseconds | None = None
 
 
 _SUCCESS_FIELDS = ("bucket", "object_key", "content_type", "size_bytes", "sha256")
 
 
+def _status_rules() -> dict[str, Any]:
+    """`GenerationResult._fields_match_status` as JSON Schema, for the published schema.
+
+    A field the model calls absent (None) is, in JSON, either missing or null.
+    """
+    absent = {"type": "null"}
+    present = {"not": {"type": "null"}}
+
+    def status_is(*statuses: Status) -> dict[str, Any]:
+        return {"required": ["status"], "properties": {"status": {"enum": list(statuses)}}}
+
+    return {
+        "allOf": [
+            {
+                "if": status_is(Status.SUCCEEDED),
+                "then": {
+                    "required": list(_SUCCESS_FIELDS),
+                    "properties": {**dict.fromkeys(_SUCCESS_FIELDS, present), "reason": absent},
+                },
+            },
+            {
+                "if": status_is(Status.FAILED, Status.REJECTED),
+                "then": {"required": ["reason"], "properties": {"reason": present}},
+            },
+            {
+                "if": status_is(Status.DUPLICATE),
+                "then": {"required": ["duplicate_of"], "properties": {"duplicate_of": present}},
+                "else": {"properties": {"duplicate_of": absent}},
+            },
+            {
+                "if": {"required": ["retry_after_ms"], "properties": {"retry_after_ms": present}},
+                "then": {
+                    "required": ["reason"],
+                    "properties": {"reason": {"const": Reason.RATE_LIMITED}},
+                },
+            },
+        ]
+    }
+
+
 class GenerationResult(BaseModel):
     """Version 1 of the wire contract. Which optional fields are set depends on `status`."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, frozen=True, json_schema_extra=_status_rules()
+    )
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: SchemaVersion = SCHEMA_VERSION
     request_id: RequestId
     user_id: UserId
     status: Status
     reason: Reason | None = None
     detail: str | None = Field(default=None, max_length=4000)
-    retry_after_ms: int | None = Field(default=None, ge=0)
+    retry_after_ms: NonNegativeInt | None = None
     duplicate_of: RequestId | None = None
-    bucket: str | None = None
-    object_key: str | None = None
-    content_type: str | None = None
-    size_bytes: int | None = Field(default=None, ge=0)
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
-    width: int | None = Field(default=None, ge=1)
-    height: int | None = Field(default=None, ge=1)
+    # Bounded, like every string here, so that any valid result fits in a message: S3 names
+    # buckets in at most 63 characters and keys in 1024 bytes; RFC 6838 media types are
+    # two names of at most 127 characters.
+    bucket: str | None = Field(default=None, max_length=63)
+    object_key: str | None = Field(default=None, max_length=1024)
+    content_type: str | None = Field(default=None, max_length=255)
+    size_bytes: NonNegativeInt | None = None
+    sha256: Sha256 | None = None
+    width: PositiveInt | None = None
+    height: PositiveInt | None = None
     model: ModelName | None = None
     seed: Seed | None = None
-    steps: int | None = Field(default=None, ge=1)
-    batch_size: int | None = Field(
-        default=None, ge=1, description="How many requests shared the forward pass."
+    steps: PositiveInt | None = None
+    batch_size: PositiveInt | None = Field(
+        default=None, description="How many requests shared the forward pass."
     )
     timings: Timings | None = None
-    attempts: int = Field(default=0, ge=0)
+    attempts: NonNegativeInt = 0
     worker_id: str | None = Field(default=None, max_length=256)
     completed_at: UtcDatetime
 

@@ -1,18 +1,45 @@
-"""Helpers shared by the tests: free ports and reading topics back."""
+"""Helpers shared by the tests: free ports, the command line, S3, and reading topics back."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
 
+import boto3
 from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
 
 from imagegen.infra.kafka import make_consumer
 from imagegen.infra.settings import Settings
 from imagegen.schemas import GenerationResult, decode
 from imagegen.schemas.topics import RESULTS
+
+
+def imagegen(stack: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """`imagegen <args>` pointed at `stack`, as a user runs it."""
+    from tests.conftest import settings_env  # conftest imports this module
+
+    return subprocess.run(
+        [sys.executable, "-m", "imagegen", *args],
+        env=settings_env(stack),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def s3_client(stack: Settings):  # boto3 ships no type hints
+    """A plain S3 client of `stack`'s object store, to change it behind the pipeline's back."""
+    return boto3.client(
+        "s3",
+        endpoint_url=f"http://{stack.s3_endpoint}",
+        aws_access_key_id=stack.s3_access_key,
+        aws_secret_access_key=stack.s3_secret_key.get_secret_value(),
+        region_name=stack.s3_region,
+    )
 
 
 def free_port() -> int:

@@ -10,7 +10,12 @@ from confluent_kafka import TopicPartition
 from imagegen.infra.kafka import make_consumer, make_producer
 from imagegen.infra.settings import Settings
 from imagegen.schemas import DeadLetter, Stage
-from imagegen.schemas.dead_letters import MAX_STACKTRACE_CHARS
+from imagegen.schemas.dead_letters import (
+    MAX_KEPT_MARK_BYTES,
+    MAX_STACKTRACE_CHARS,
+    pack_original,
+    unpack_original,
+)
 from imagegen.schemas.errors import InvalidMessage
 from imagegen.schemas.topics import DLQ
 
@@ -100,3 +105,61 @@ def test_dead_letter_survives_the_broker_byte_for_byte(settings: Settings) -> No
     finally:
         consumer.close()
     assert restored == original
+
+
+def test_a_letter_counts_every_byte_it_sends() -> None:
+    small = letter(value=b"v", headers=[])
+    headers = [("x-pad", b"p" * 5000)] * 3
+    padded = letter(value=b"v", headers=headers)
+    assert padded.size_bytes() - small.size_bytes() == 3 * (len("x-pad") + 5000 + 10)
+    assert letter(value=b"v" * 100_000).size_bytes() - small.size_bytes() >= 99_999
+
+
+def test_a_spilled_letter_keeps_its_context_and_names_its_object() -> None:
+    mark = b"imagegen.dlq/0/7;" + b"a" * 64
+    original = letter(value=b"x" * 2_000_000, headers=[("replay.of", mark), ("h", b"y" * 10)])
+    spilled = original.spilled("dlq/abc.json")
+    assert spilled.key is None and spilled.value == b""
+    # Only a copy of the replay mark stays, so that replays can be followed without S3.
+    assert spilled.original_headers == [("replay.of", mark)]
+    assert spilled.size_bytes() < 20_000
+    read_back = DeadLetter.from_kafka(spilled.key, spilled.value, spilled.headers())
+    assert read_back == spilled
+    assert read_back.original_object == "dlq/abc.json"
+    assert read_back.error_message == original.error_message
+
+    restored = read_back.restored(pack_original(original))
+    assert (restored.key, restored.value) == (original.key, original.value)
+    assert restored.original_headers == original.original_headers
+
+
+def test_a_mark_too_long_to_be_genuine_stays_only_in_the_object() -> None:
+    forged = b"f" * (MAX_KEPT_MARK_BYTES + 1)
+    original = letter(headers=[("replay.of", forged)])
+    assert original.spilled("dlq/abc.json").original_headers == []
+    assert unpack_original(pack_original(original))[2] == [("replay.of", forged)]
+
+
+def test_a_packed_original_keeps_none_apart_from_empty() -> None:
+    for key, value in ((None, None), (b"", b""), (b"\x00k", b"\xff" * 3)):
+        original = letter(key=key, value=value, headers=[("h", b""), ("h", b"\x01")])
+        assert unpack_original(pack_original(original)) == (key, value, original.original_headers)
+
+
+@pytest.mark.parametrize(
+    "packed",
+    [
+        b"",
+        b"\xff",
+        b"[]",
+        b'{"format": "other/1", "key": null, "value": null, "headers": []}',
+        b'{"format": "imagegen.dlq.original/1", "key": null, "value": null}',
+        b'{"format": "imagegen.dlq.original/1", "key": 5, "value": null, "headers": []}',
+        b'{"format": "imagegen.dlq.original/1", "key": "!!", "value": null, "headers": []}',
+        b'{"format": "imagegen.dlq.original/1", "key": null, "value": null, "headers": [[1, ""]]}',
+        b'{"format": "imagegen.dlq.original/1", "key": null, "value": null, "headers": [["a"]]}',
+    ],
+)
+def test_anything_but_a_packed_original_is_refused(packed: bytes) -> None:
+    with pytest.raises(InvalidMessage, match="not a packed dead-letter original"):
+        unpack_original(packed)

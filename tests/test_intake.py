@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from aiokafka.errors import MessageSizeTooLargeError
 
 from imagegen.infra.settings import load_settings
 from imagegen.processors.dedupe import Deduper
-from imagegen.processors.intake import Admit, Answer, Drop, Intake, Invalid
+from imagegen.processors.intake import Admit, Answer, Drop, Intake, Invalid, Outcome
 from imagegen.schemas import GenerationRequest, Reason, Status, encode
+from imagegen.schemas.errors import InvalidMessage
 
 
 class Clock:
@@ -34,6 +36,17 @@ def make_intake(clock: Clock, partitions: int = 1, **settings: object) -> Intake
     return Intake(load_settings(**{**defaults, **settings}), {}, {}, partitions, clock)
 
 
+def decide(
+    intake: Intake, value: bytes | None, partition: int, offset: int, replayed: bool = False
+) -> Outcome:
+    """Decide a record keyed as publishers key requests: by its user_id, where it has one."""
+    try:
+        key = json.loads(value or b"")["user_id"].encode()
+    except (ValueError, TypeError, KeyError, AttributeError):
+        key = None
+    return intake.decide(value, partition, offset, key=key, replayed=replayed)
+
+
 def request(**fields: object) -> GenerationRequest:
     return GenerationRequest.new(**{"user_id": "ann", "prompt": "a boat", **fields})
 
@@ -41,29 +54,29 @@ def request(**fields: object) -> GenerationRequest:
 def test_a_fresh_request_is_admitted() -> None:
     intake = make_intake(Clock())
     original = request()
-    outcome = intake.decide(encode(original), partition=0, offset=0)
+    outcome = decide(intake, encode(original), partition=0, offset=0)
     assert outcome == Admit(original)
 
 
 def test_a_publish_retry_is_dropped_silently() -> None:
     intake = make_intake(Clock())
     original = encode(request())
-    assert isinstance(intake.decide(original, 0, 0), Admit)
-    assert isinstance(intake.decide(original, 0, 1), Drop)
+    assert isinstance(decide(intake, original, 0, 0), Admit)
+    assert isinstance(decide(intake, original, 0, 1), Drop)
 
 
 def test_redelivery_of_the_admitting_record_is_admitted_again() -> None:
     intake = make_intake(Clock(), rate_user_burst=1.0, rate_user_per_s=0.001)
     original = encode(request())
-    assert isinstance(intake.decide(original, 2, 40), Admit)
-    assert isinstance(intake.decide(original, 2, 40), Admit)  # same record: crash replay
+    assert isinstance(decide(intake, original, 2, 40), Admit)
+    assert isinstance(decide(intake, original, 2, 40), Admit)  # same record: crash replay
 
 
 def test_a_reused_idempotency_key_answers_duplicate_of_the_admitted_request() -> None:
     intake = make_intake(Clock())
     first, second = request(idempotency_key="order-1"), request(idempotency_key="order-1")
-    intake.decide(encode(first), 0, 0)
-    outcome = intake.decide(encode(second), 0, 1)
+    decide(intake, encode(first), 0, 0)
+    outcome = decide(intake, encode(second), 0, 1)
     assert isinstance(outcome, Answer)
     assert outcome.result.status is Status.DUPLICATE
     assert outcome.result.duplicate_of == first.request_id
@@ -72,47 +85,47 @@ def test_a_reused_idempotency_key_answers_duplicate_of_the_admitted_request() ->
 
 def test_idempotency_keys_are_per_user() -> None:
     intake = make_intake(Clock())
-    intake.decide(encode(request(idempotency_key="k")), 0, 0)
-    outcome = intake.decide(encode(request(user_id="bob", idempotency_key="k")), 0, 1)
+    decide(intake, encode(request(idempotency_key="k")), 0, 0)
+    outcome = decide(intake, encode(request(user_id="bob", idempotency_key="k")), 0, 1)
     assert isinstance(outcome, Admit)
 
 
 def test_the_dedupe_window_expires() -> None:
     clock = Clock()
     intake = make_intake(clock, dedupe_window_s=60)
-    intake.decide(encode(request(idempotency_key="k")), 0, 0)
+    decide(intake, encode(request(idempotency_key="k")), 0, 0)
     clock.now += 60
-    assert isinstance(intake.decide(encode(request(idempotency_key="k")), 0, 1), Admit)
+    assert isinstance(decide(intake, encode(request(idempotency_key="k")), 0, 1), Admit)
 
 
 def test_duplicates_spend_no_tokens() -> None:
     intake = make_intake(Clock(), rate_user_burst=1.0, rate_user_per_s=0.001)
-    intake.decide(encode(request(idempotency_key="k")), 0, 0)
+    decide(intake, encode(request(idempotency_key="k")), 0, 0)
     for offset in range(1, 5):
-        outcome = intake.decide(encode(request(idempotency_key="k")), 0, offset)
+        outcome = decide(intake, encode(request(idempotency_key="k")), 0, offset)
         assert outcome.result.status is Status.DUPLICATE
 
 
 def test_user_limit_rejects_with_a_truthful_retry_after() -> None:
     clock = Clock()
     intake = make_intake(clock, rate_user_per_s=2.0, rate_user_burst=3.0)
-    outcomes = [intake.decide(encode(request()), 0, i) for i in range(4)]
+    outcomes = [decide(intake, encode(request()), 0, i) for i in range(4)]
     assert [type(o) for o in outcomes] == [Admit, Admit, Admit, Answer]
     rejected = outcomes[-1].result
     assert (rejected.status, rejected.reason) == (Status.REJECTED, Reason.RATE_LIMITED)
     assert rejected.retry_after_ms == 500  # one token at 2/s
 
     clock.now += 0.499
-    assert isinstance(intake.decide(encode(request()), 0, 4), Answer)
+    assert isinstance(decide(intake, encode(request()), 0, 4), Answer)
     clock.now += 0.001
-    assert isinstance(intake.decide(encode(request()), 0, 5), Admit)
+    assert isinstance(decide(intake, encode(request()), 0, 5), Admit)
 
 
 def test_users_have_separate_buckets() -> None:
     intake = make_intake(Clock(), rate_user_per_s=1.0, rate_user_burst=1.0)
-    assert isinstance(intake.decide(encode(request(user_id="a")), 0, 0), Admit)
-    assert isinstance(intake.decide(encode(request(user_id="a")), 0, 1), Answer)
-    assert isinstance(intake.decide(encode(request(user_id="b")), 0, 2), Admit)
+    assert isinstance(decide(intake, encode(request(user_id="a")), 0, 0), Admit)
+    assert isinstance(decide(intake, encode(request(user_id="a")), 0, 1), Answer)
+    assert isinstance(decide(intake, encode(request(user_id="b")), 0, 2), Admit)
 
 
 def test_overrides_give_a_user_their_tier() -> None:
@@ -122,7 +135,7 @@ def test_overrides_give_a_user_their_tier() -> None:
         rate_user_burst=1.0,
         rate_user_overrides={"vip": {"per_s": 10.0, "burst": 5.0}},
     )
-    vip = [intake.decide(encode(request(user_id="vip")), 0, i) for i in range(6)]
+    vip = [decide(intake, encode(request(user_id="vip")), 0, i) for i in range(6)]
     assert [type(o) for o in vip] == [Admit] * 5 + [Answer]
     assert vip[-1].result.retry_after_ms == 100
 
@@ -131,10 +144,10 @@ def test_the_global_limit_is_shared_across_partitions() -> None:
     clock = Clock()
     intake = make_intake(clock, partitions=4, rate_global_per_s=8.0, rate_global_burst=8.0)
     # Each partition holds 8/4 = 2 tokens and refills at 2/s, whoever the users are.
-    on_partition_0 = [intake.decide(encode(request(user_id=f"u{i}")), 0, i) for i in range(3)]
+    on_partition_0 = [decide(intake, encode(request(user_id=f"u{i}")), 0, i) for i in range(3)]
     assert [type(o) for o in on_partition_0] == [Admit, Admit, Answer]
     assert on_partition_0[-1].result.retry_after_ms == 500
-    assert isinstance(intake.decide(encode(request(user_id="u9")), 1, 0), Admit)
+    assert isinstance(decide(intake, encode(request(user_id="u9")), 1, 0), Admit)
 
 
 def test_a_rejected_request_takes_no_tokens_from_the_other_bucket() -> None:
@@ -145,26 +158,26 @@ def test_a_rejected_request_takes_no_tokens_from_the_other_bucket() -> None:
         rate_global_per_s=2.0,
         rate_global_burst=2.0,
     )
-    intake.decide(encode(request(user_id="a")), 0, 0)
-    intake.decide(encode(request(user_id="a")), 0, 1)  # user-limited: global keeps its token
-    assert isinstance(intake.decide(encode(request(user_id="b")), 0, 2), Admit)
+    decide(intake, encode(request(user_id="a")), 0, 0)
+    decide(intake, encode(request(user_id="a")), 0, 1)  # user-limited: global keeps its token
+    assert isinstance(decide(intake, encode(request(user_id="b")), 0, 2), Admit)
 
 
 def test_invalid_bytes_are_dead_lettered_without_an_answer() -> None:
-    outcome = make_intake(Clock()).decide(b"\xff\xfe garbage", 0, 0)
+    outcome = decide(make_intake(Clock()), b"\xff\xfe garbage", 0, 0)
     assert isinstance(outcome, Invalid) and outcome.result is None
 
 
 @pytest.mark.parametrize("value", [None, b"[]", b'{"request_id": "nope", "user_id": "u"}'])
 def test_unreadable_ids_get_no_answer(value: bytes | None) -> None:
-    outcome = make_intake(Clock()).decide(value, 0, 0)
+    outcome = decide(make_intake(Clock()), value, 0, 0)
     assert isinstance(outcome, Invalid) and outcome.result is None
 
 
 def test_invalid_request_with_readable_ids_is_answered_rejected() -> None:
     fields = json.loads(encode(request()))
     fields["steps"] = 1000
-    outcome = make_intake(Clock()).decide(json.dumps(fields).encode(), 0, 0)
+    outcome = decide(make_intake(Clock()), json.dumps(fields).encode(), 0, 0)
     assert isinstance(outcome, Invalid)
     assert outcome.result is not None
     assert (outcome.result.status, outcome.result.reason) == (
@@ -178,9 +191,9 @@ def test_invalid_request_with_readable_ids_is_answered_rejected() -> None:
 def test_a_replay_of_an_admitted_request_is_admitted_again() -> None:
     intake = make_intake(Clock())
     original = encode(request())
-    assert isinstance(intake.decide(original, 0, 0), Admit)
-    assert isinstance(intake.decide(original, 0, 7), Drop)  # a publish retry
-    assert isinstance(intake.decide(original, 0, 9, replayed=True), Admit)
+    assert isinstance(decide(intake, original, 0, 0), Admit)
+    assert isinstance(decide(intake, original, 0, 7), Drop)  # a publish retry
+    assert isinstance(decide(intake, original, 0, 9, replayed=True), Admit)
 
 
 def test_only_buckets_refilled_to_their_burst_can_be_forgotten() -> None:
@@ -190,7 +203,7 @@ def test_only_buckets_refilled_to_their_burst_can_be_forgotten() -> None:
         rate_user_per_s=1.0, rate_user_burst=2.0, rate_global_per_s=100.0, rate_global_burst=100.0
     )
     intake = Intake(settings, {}, buckets, partitions=1, clock=clock)
-    intake.decide(encode(request(user_id="a")), partition=0, offset=0)
+    decide(intake, encode(request(user_id="a")), partition=0, offset=0)
     buckets["user:legacy"] = [0.0, 0.0]  # written before buckets recorded their partition
     assert intake.full_buckets(buckets.items()) == []
     clock.now += 0.999  # user a: 1.999 of 2 tokens; the global share: full again
@@ -204,3 +217,46 @@ def test_only_entries_past_the_window_expire() -> None:
     entries = [("old", ["r1", 100.0, 2, 7]), ("fresh", ["r2", 105.0, 4, 9])]
     assert deduper.expired(entries, now=110.0) == [("old", 2)]
     assert deduper.expired(entries, now=109.9) == []
+
+
+def test_a_failed_admission_answers_publish_error_and_lets_the_retry_in() -> None:
+    intake = make_intake(Clock())
+    original = request()
+    admitted = decide(intake, encode(original), 3, 10)
+    answer = intake.unpublished(admitted, 3, 10, MessageSizeTooLargeError("too big"))
+    assert answer is not None
+    assert (answer.request_id, answer.user_id) == (original.request_id, original.user_id)
+    assert (answer.status, answer.reason) == (Status.FAILED, Reason.PUBLISH_ERROR)
+    assert "MessageSizeTooLargeError" in answer.detail
+    # The user's retry, the same request_id again, is admitted instead of dropped.
+    assert isinstance(decide(intake, encode(original), 3, 11), Admit)
+    assert isinstance(decide(intake, encode(original), 3, 12), Drop)
+
+
+def test_a_failed_send_releases_only_the_entry_its_record_made() -> None:
+    intake = make_intake(Clock())
+    original = request()
+    decide(intake, encode(original), 0, 0)
+    # A replay admitted elsewhere failed: the entry is the first record's, and stays.
+    intake.unpublished(Admit(original), 0, 5, RuntimeError("gone"))
+    assert isinstance(decide(intake, encode(original), 0, 6), Drop)
+
+
+def test_a_failed_answer_is_answered_publish_error() -> None:
+    intake = make_intake(Clock())
+    first, second = request(idempotency_key="k"), request(idempotency_key="k")
+    decide(intake, encode(first), 0, 0)
+    duplicate = decide(intake, encode(second), 0, 1)
+    answer = intake.unpublished(duplicate, 0, 1, RuntimeError("results refused it"))
+    assert answer is not None
+    assert (answer.request_id, answer.status, answer.reason, answer.duplicate_of) == (
+        second.request_id,
+        Status.FAILED,
+        Reason.PUBLISH_ERROR,
+        None,
+    )
+
+
+@pytest.mark.parametrize("outcome", [Drop("r"), Invalid(InvalidMessage("bad"), None)])
+def test_records_without_an_answer_get_none_when_their_sends_fail(outcome: Outcome) -> None:
+    assert make_intake(Clock()).unpublished(outcome, 0, 0, RuntimeError("x")) is None

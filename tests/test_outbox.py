@@ -1,5 +1,6 @@
 """The outbox's bookkeeping: an offset is finished only once every record produced for it has
-settled, and its delivery thread serves reports until it is closed.
+settled; a record that fails is sent again, and one that still fails stops the worker
+instead of finishing its offset; its delivery thread serves reports until it is closed.
 
 `FakeProducer` stands in for confluent-kafka's producer with just the calls the outbox makes,
 and the tests deliver its reports by hand, as the broker's acknowledgements would arrive:
@@ -11,18 +12,29 @@ from __future__ import annotations
 import queue
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
-from confluent_kafka import KafkaError
+from confluent_kafka import TIMESTAMP_CREATE_TIME, KafkaError, KafkaException, Message
 from prometheus_client import REGISTRY
 
-from imagegen.consumers.jobs import Polled
+from imagegen.consumers.crashes import CrashLedger
+from imagegen.consumers.jobs import Job, Polled, now_ms
 from imagegen.consumers.outbox import Outbox
+from imagegen.consumers.outcomes import Outcomes
+from imagegen.consumers.retry import RetryPolicy
+from imagegen.infra.object_store import ObjectStore
+from imagegen.infra.settings import load_settings
+from imagegen.infra.tracing import start_span
+from imagegen.schemas import GenerationRequest, GenerationResult, Stage, Status, decode, encode
+from imagegen.schemas.topics import DLQ, RESULTS
 
 OFFSET = Polled("imagegen.render", partition=2, offset=17, generation=0)
 TIMEOUT_S = 10
+# Resends come at once: these tests wait for events, never for a backoff.
+POLICY = RetryPolicy(max_attempts=3, base_delay_s=0.001, outage_budget_s=0)
 
 
 @dataclass
@@ -36,41 +48,74 @@ class Produced:
     def acknowledge(self) -> None:
         self.on_delivery(None, None)
 
-    def fail(self) -> None:
-        self.on_delivery(KafkaError(KafkaError._MSG_TIMED_OUT), None)
+    def fail(self, code: int = KafkaError._MSG_TIMED_OUT) -> None:
+        self.on_delivery(KafkaError(code), None)
 
 
 class FakeProducer:
-    """Keeps what is produced; `poll` and `flush` serve the reports queued by `report`."""
+    """Keeps what is produced; `poll` serves the reports queued by `report`. A `produce`
+    raises instead while `refusals` has errors left, and for a value over `max_bytes`, as
+    librdkafka's does for one over `message.max.bytes`."""
 
-    def __init__(self, full_for: int = 0) -> None:
+    def __init__(
+        self,
+        full_for: int = 0,
+        refusals: list[KafkaError] | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
         self.produced: list[Produced] = []
-        self.flushed = threading.Event()
+        self.arrived: queue.SimpleQueue[Produced] = queue.SimpleQueue()  # each, as produced
         self._full_for = full_for  # how many produce calls find the local queue full
-        self._reports: queue.SimpleQueue[Produced] = queue.SimpleQueue()
+        self._refusals = list(refusals or [])
+        self._max_bytes = max_bytes
+        self._reports: queue.SimpleQueue[tuple[Produced, KafkaError | None]] = queue.SimpleQueue()
+        self._unreported = 0
 
     def produce(self, topic: str, *, key, value, headers, on_delivery) -> None:
         if self._full_for:
             self._full_for -= 1
             raise BufferError("Local: Queue full")
-        self.produced.append(Produced(topic, key, value, headers, on_delivery))
+        if self._refusals:
+            raise KafkaException(self._refusals.pop(0))
+        if self._max_bytes is not None and len(value) > self._max_bytes:
+            raise KafkaException(
+                KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "Broker: Message size too large")
+            )
 
-    def report(self, record: Produced) -> None:
-        """Acknowledge `record` in the next poll, as a broker's report arrives."""
-        self._reports.put(record)
+        def reported(error: KafkaError | None, message: object) -> None:
+            self._unreported -= 1
+            on_delivery(error, message)
+
+        record = Produced(topic, key, value, headers, reported)
+        self._unreported += 1
+        self.produced.append(record)
+        self.arrived.put(record)
+
+    def report(self, record: Produced, error: KafkaError | None = None) -> None:
+        """Report on `record` in the next poll, as a broker's report arrives."""
+        self._reports.put((record, error))
 
     def poll(self, timeout: float) -> int:
         try:
-            self._reports.get(timeout=timeout).acknowledge()
+            record, error = self._reports.get(timeout=timeout)
         except queue.Empty:
             return 0
+        record.on_delivery(error, None)
         return 1
 
-    def flush(self, timeout: float) -> int:
-        while self.poll(0):
-            pass
-        self.flushed.set()
-        return 0
+    def __len__(self) -> int:
+        """Records not yet reported on, as librdkafka counts them."""
+        return self._unreported
+
+
+class Undeliverable:
+    """Records what the outbox reports as undeliverable, as the worker's stop would."""
+
+    def __init__(self) -> None:
+        self.reports: queue.SimpleQueue[str] = queue.SimpleQueue()
+
+    def __call__(self, why: str) -> None:
+        self.reports.put(why)
 
 
 @pytest.fixture
@@ -79,8 +124,15 @@ def producer() -> FakeProducer:
 
 
 @pytest.fixture
-def outbox(producer: FakeProducer) -> Outbox:
-    return Outbox(producer)
+def undeliverable() -> Undeliverable:
+    return Undeliverable()
+
+
+@pytest.fixture
+def outbox(producer: FakeProducer, undeliverable: Undeliverable) -> Iterator[Outbox]:
+    outbox = Outbox(producer, POLICY, undeliverable)
+    yield outbox
+    outbox.close()
 
 
 def test_an_offset_finishes_once_every_record_sent_for_it_is_acknowledged(
@@ -123,26 +175,72 @@ def test_a_block_whose_records_are_all_acknowledged_finishes_as_it_ends(
     assert outbox.finished() == [OFFSET]
 
 
-def test_a_replacement_sent_for_a_failed_delivery_is_waited_for_too(
-    outbox: Outbox, producer: FakeProducer
+def test_a_failed_delivery_is_sent_again_and_its_offset_waits_for_that(
+    outbox: Outbox, producer: FakeProducer, undeliverable: Undeliverable
 ) -> None:
-    errors: list[KafkaError | None] = []
-
+    acknowledged: list[str] = []
+    outbox.start(on_crash=lambda: None)
     with outbox.sending(OFFSET) as sends:
-
-        def delivered(error: KafkaError | None) -> None:
-            errors.append(error)
-            if error is not None:
-                sends.send("imagegen.dlq", b"k", b"letter")
-
-        sends.send("imagegen.results", b"k", b"result", on_delivered=delivered)
-    producer.produced[0].fail()
-    assert [error.code() for error in errors if error is not None] == [KafkaError._MSG_TIMED_OUT]
-    assert outbox.finished() == []
-    (replacement,) = producer.produced[1:]
-    assert replacement.topic == "imagegen.dlq"
-    replacement.acknowledge()
+        sends.send(
+            "imagegen.results", b"k", b"result", on_acknowledged=lambda: acknowledged.append("r")
+        )
+        sends.send("imagegen.dlq", b"k", b"letter")
+    first, letter = producer.arrived.get(timeout=TIMEOUT_S), producer.arrived.get(timeout=TIMEOUT_S)
+    producer.report(letter)
+    producer.report(first, KafkaError(KafkaError._MSG_TIMED_OUT))
+    again = producer.arrived.get(timeout=TIMEOUT_S)  # sent again by the delivery thread
+    assert (again.topic, again.value) == ("imagegen.results", b"result")
+    assert outbox.finished() == [] and acknowledged == []
+    producer.report(again)
+    outbox.close()
     assert outbox.finished() == [OFFSET]
+    assert acknowledged == ["r"]
+    assert undeliverable.reports.empty()
+
+
+def test_a_produce_that_raises_is_tried_again() -> None:
+    producer = FakeProducer(refusals=[KafkaError(KafkaError._UNKNOWN_PARTITION)])
+    outbox = Outbox(producer, POLICY, Undeliverable())
+    outbox.start(on_crash=lambda: None)
+    with outbox.sending(OFFSET) as sends:
+        sends.send("imagegen.dlq", b"k", b"letter")  # raises inside: retried, not raised here
+    producer.report(producer.arrived.get(timeout=TIMEOUT_S))
+    outbox.close()
+    assert [record.value for record in producer.produced] == [b"letter"]
+    assert outbox.finished() == [OFFSET]
+
+
+def test_a_record_that_still_fails_stops_the_worker_and_never_finishes_its_offset() -> None:
+    producer = FakeProducer(max_bytes=1000)
+    undeliverable = Undeliverable()
+    outbox = Outbox(producer, POLICY, undeliverable)
+    outbox.start(on_crash=lambda: None)
+    with outbox.sending(OFFSET) as sends:
+        sends.send("imagegen.results", b"k", b"result")
+        sends.send("imagegen.dlq", b"k", b"x" * 2000)
+    why = undeliverable.reports.get(timeout=TIMEOUT_S)
+    assert "Cannot write a 2001-byte record to imagegen.dlq for imagegen.render[2]@17" in why
+    assert "after 3 attempt(s) (IMAGEGEN_MAX_ATTEMPTS)" in why
+    assert "raise the topic's max.message.bytes" in why
+    producer.report(producer.produced[0])  # the result is acknowledged; the letter never is
+    outbox.close()
+    assert outbox.finished() == []
+    assert undeliverable.reports.empty()  # reported once
+
+
+def test_a_failed_delivery_on_its_last_attempt_is_undeliverable(
+    producer: FakeProducer, undeliverable: Undeliverable
+) -> None:
+    outbox = Outbox(producer, RetryPolicy(1, 0.001, 0), undeliverable)
+    outbox.start(on_crash=lambda: None)
+    with outbox.sending(OFFSET) as sends:
+        sends.send("imagegen.dlq", b"k", b"letter")
+    producer.report(producer.arrived.get(timeout=TIMEOUT_S), KafkaError(KafkaError._MSG_TIMED_OUT))
+    why = undeliverable.reports.get(timeout=TIMEOUT_S)
+    assert "did not acknowledge it within the producer's message.timeout.ms" in why
+    outbox.close()
+    assert outbox.finished() == []
+    assert len(producer.produced) == 1
 
 
 def test_a_block_that_raises_leaves_its_offset_unfinished(
@@ -181,7 +279,7 @@ def test_offsets_come_out_in_the_order_they_finished(
 
 def test_a_full_local_queue_is_waited_out() -> None:
     producer = FakeProducer(full_for=2)
-    with Outbox(producer).sending(OFFSET) as sends:
+    with Outbox(producer, POLICY, Undeliverable()).sending(OFFSET) as sends:
         sends.send("imagegen.results", b"k", b"result")
     assert [record.value for record in producer.produced] == [b"result"]
 
@@ -197,7 +295,7 @@ def test_only_acknowledged_records_count_as_produced(
     before = produced()
     with outbox.sending(OFFSET) as sends:
         sends.send(topic, b"k", b"delivered")
-        sends.send(topic, b"k", b"lost")
+        sends.send(topic, b"k", b"failed")
     producer.produced[0].acknowledge()
     producer.produced[1].fail()
     assert produced() == before + 1
@@ -214,7 +312,7 @@ def test_the_delivery_thread_serves_reports_until_closed(
             "imagegen.results",
             b"k",
             b"result",
-            on_delivered=lambda _: served_by.put(threading.current_thread()),
+            on_acknowledged=lambda: served_by.put(threading.current_thread()),
         )
     producer.report(producer.produced[0])
     delivery = served_by.get(timeout=TIMEOUT_S)
@@ -222,9 +320,23 @@ def test_the_delivery_thread_serves_reports_until_closed(
     assert outbox.finished() == [OFFSET]
 
     outbox.close()
-    assert producer.flushed.is_set()
     assert not delivery.is_alive()  # close joined it
     assert crashes == []
+
+
+def test_close_waits_for_the_reports_of_what_was_sent(
+    outbox: Outbox, producer: FakeProducer
+) -> None:
+    outbox.start(on_crash=lambda: None)
+    with outbox.sending(OFFSET) as sends:
+        sends.send("imagegen.results", b"k", b"result")
+    closing = threading.Thread(target=outbox.close)
+    closing.start()
+    producer.report(producer.arrived.get(timeout=TIMEOUT_S), KafkaError(KafkaError._TRANSPORT))
+    producer.report(producer.arrived.get(timeout=TIMEOUT_S))  # sent again while closing
+    closing.join(TIMEOUT_S)
+    assert not closing.is_alive()
+    assert outbox.finished() == [OFFSET]
 
 
 def test_a_crashed_delivery_thread_reports_its_crash() -> None:
@@ -235,6 +347,37 @@ def test_a_crashed_delivery_thread_reports_its_crash() -> None:
             raise crash
 
     crashed: queue.SimpleQueue[tuple[str, BaseException | None]] = queue.SimpleQueue()
-    outbox = Outbox(CrashingProducer())
+    outbox = Outbox(CrashingProducer(), POLICY, Undeliverable())
     outbox.start(on_crash=lambda: crashed.put((threading.current_thread().name, sys.exc_info()[1])))
     assert crashed.get(timeout=TIMEOUT_S) == ("delivery", crash)
+
+
+def test_a_failed_result_is_acknowledged_before_its_offset_finishes(
+    outbox: Outbox, producer: FakeProducer, tmp_path: Path
+) -> None:
+    # The store is only a name here: a letter this small never spills.
+    outcomes = Outcomes(outbox, CrashLedger(tmp_path), ObjectStore(load_settings()), "worker-1")
+    request = GenerationRequest.new(user_id="ann", prompt="a kite", width=64, height=64, steps=2)
+    message = Message(
+        topic=OFFSET.topic,
+        partition=OFFSET.partition,
+        offset=OFFSET.offset,
+        key=request.kafka_key,
+        value=encode(request),
+        timestamp=(TIMESTAMP_CREATE_TIME, now_ms()),
+    )
+    job = Job(message, OFFSET, request, now_ms(), start_span("test", []))
+    outbox.start(on_crash=lambda: None)
+
+    outcomes.failed(job, RuntimeError("the pipeline failed"), Stage.RENDER, attempts=1)
+    result = producer.arrived.get(timeout=TIMEOUT_S)
+    letter = producer.arrived.get(timeout=TIMEOUT_S)
+    assert (result.topic, letter.topic) == (RESULTS, DLQ)
+    producer.report(letter)
+    producer.report(result, KafkaError(KafkaError._TRANSPORT))
+    again = producer.arrived.get(timeout=TIMEOUT_S)
+    assert decode(GenerationResult, again.value).status is Status.FAILED
+    assert outbox.finished() == []  # the dead letter alone does not finish it
+    producer.report(again)
+    outbox.close()
+    assert outbox.finished() == [OFFSET]

@@ -1,5 +1,5 @@
 """The intake processor as a real process against a real broker: dedupe, rate limits,
-bad input, and SIGKILL mid-stream."""
+bad input, SIGKILL mid-stream, hostile keys and headers, and a send that fails."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from imagegen.infra.kafka import make_consumer, make_producer
-from imagegen.infra.settings import Settings
+from imagegen.infra.replay_marks import sign
+from imagegen.infra.settings import Settings, load_settings
 from imagegen.processors.dedupe import dedupe_key
 from imagegen.producers import RequestPublisher
 from imagegen.schemas import (
@@ -28,7 +29,7 @@ from imagegen.schemas import (
     decode,
     encode,
 )
-from imagegen.schemas.headers import ADMITTED_AT_HEADER
+from imagegen.schemas.headers import ADMITTED_AT_HEADER, REPLAY_HEADER
 from imagegen.schemas.topics import DLQ, RENDER, REQUESTS, RESULTS
 from tests.conftest import settings_env
 from tests.helpers import read_topic, results_for
@@ -365,3 +366,143 @@ def test_dedupe_memory_survives_sigkill(processor_factory, isolated_stack) -> No
         assert {(a.status, a.duplicate_of) for a in answers[retry.request_id]} == {
             (Status.DUPLICATE, original.request_id)
         }
+
+
+def produce_raw(stack: Settings, records: list[tuple[bytes | None, bytes, list]]) -> None:
+    """Publish (key, value, headers) records to imagegen.requests as any client could."""
+    producer = make_producer(stack, **{"message.max.bytes": 2_000_000})
+    for key, value, headers in records:
+        producer.produce(REQUESTS, key=key, value=value, headers=headers)
+    assert producer.flush(10) == 0
+
+
+def test_a_key_that_is_not_the_user_id_is_rejected_and_dead_lettered(
+    processor_factory, isolated_stack
+) -> None:
+    processor = processor_factory(**DEDUPE_AND_LIMITS)
+    posing = GenerationRequest.new(user_id="ann", prompt="keyed as someone else")
+    keyless = GenerationRequest.new(user_id="ann", prompt="keyed as no one")
+    produce_raw(isolated_stack, [(b"mallory", encode(posing), []), (None, encode(keyless), [])])
+    # mallory's own request shares the partition of the record that posed as ann's.
+    after = GenerationRequest.new(user_id="mallory", prompt="still running")
+    with RequestPublisher(isolated_stack) as publisher:
+        publisher.publish(after)
+
+    assert after.request_id in rendered_ids(isolated_stack, {after.request_id})
+    answers = results_for(isolated_stack, {posing.request_id, keyless.request_id})
+    for request, shown in ((posing, "key b'mallory'"), (keyless, "no key")):
+        (answer,) = answers[request.request_id]
+        assert (answer.status, answer.reason) == (Status.REJECTED, Reason.INVALID_REQUEST)
+        assert shown in answer.detail and "user_id 'ann'" in answer.detail
+    letters = [
+        DeadLetter.from_kafka(m.key(), m.value(), m.headers())
+        for m in read_topic(isolated_stack, DLQ, lambda ms: len(ms) >= 2)
+    ]
+    assert sorted(letter.value for letter in letters) == sorted([encode(posing), encode(keyless)])
+    assert {letter.stage for letter in letters} == {Stage.VALIDATE}
+    assert posing.request_id not in rendered_ids(isolated_stack, {after.request_id})
+    processor.assert_running()
+
+
+def test_reserved_headers_are_not_forwarded(processor_factory, isolated_stack) -> None:
+    processor_factory(**DEDUPE_AND_LIMITS)
+    request = GenerationRequest.new(user_id="fay", prompt="p")
+    headers = [
+        ("origin", b"web"),
+        ("imagegen.admitted_at_ms", b"x"),
+        ("imagegen.anything", b"1"),
+        ("dlq.stage", b"render"),
+        ("replay.of", b"imagegen.dlq/0/0"),
+        ("Replay.Of", b"imagegen.dlq/0/1"),
+    ]
+    produce_raw(isolated_stack, [(request.kafka_key, encode(request), headers)])
+
+    (message,) = [
+        m
+        for m in read_topic(isolated_stack, RENDER, lambda ms: len(ms) >= 1)
+        if m.value() == encode(request)
+    ]
+    forwarded = message.headers()
+    assert [name for name, _ in forwarded] == ["origin", ADMITTED_AT_HEADER]
+    assert dict(forwarded)[ADMITTED_AT_HEADER].isdigit()  # the processor's own
+
+
+def test_only_a_signed_replay_mark_admits_again_and_is_not_charged(
+    processor_factory, isolated_stack
+) -> None:
+    processor_factory(
+        rate_user_per_s="0.001",
+        rate_user_burst="2",
+        rate_global_per_s="1000",
+        rate_global_burst="1000",
+    )
+    first, second, third = (GenerationRequest.new(user_id="rae", prompt=p) for p in "abc")
+    coordinates = "imagegen.dlq/0/3"
+    forged = [
+        b"imagegen.dlq/0/3",
+        sign(coordinates, load_settings(replay_key="a-publisher-guess")),
+    ]
+    signed = sign(coordinates, isolated_stack)
+    produce_raw(
+        isolated_stack,
+        [
+            (b"rae", encode(first), []),  # a token of 2
+            *[(b"rae", encode(first), [(REPLAY_HEADER, mark)]) for mark in forged],  # dropped
+            (b"rae", encode(first), [(REPLAY_HEADER, signed)]),  # admitted, free
+            (b"rae", encode(second), []),  # the last token
+            (b"rae", encode(third), []),  # rate limited
+        ],
+    )
+
+    answers = results_for(isolated_stack, {third.request_id})
+    assert answers[third.request_id][0].reason is Reason.RATE_LIMITED
+    rendered = rendered_ids(isolated_stack, {first.request_id, second.request_id})
+    # Same partition, in order: had a forged mark been trusted, first would be there 4 times.
+    assert rendered.count(first.request_id) == 2
+
+
+def test_cost_based_limits(processor_factory, isolated_stack) -> None:
+    processor_factory(
+        rate_user_per_s="0.001",
+        rate_user_burst="10",
+        rate_global_per_s="1000",
+        rate_global_burst="1000",
+    )
+    huge = GenerationRequest.new(user_id="gus", prompt="h", width=2048, height=2048, steps=100)
+    big = [GenerationRequest.new(user_id="gus", prompt=p, width=1024, height=1024) for p in "abc"]
+    with RequestPublisher(isolated_stack) as publisher:
+        for request in [huge, *big]:
+            publisher.publish(request)
+
+    answers = results_for(isolated_stack, {huge.request_id, big[2].request_id})
+    (too_big,) = answers[huge.request_id]
+    assert (too_big.status, too_big.reason) == (Status.REJECTED, Reason.EXCEEDS_BURST)
+    assert "the largest request allowed costs 10 tokens" in too_big.detail
+    (limited,) = answers[big[2].request_id]
+    assert limited.reason is Reason.RATE_LIMITED  # 4 + 4 of 10 tokens spent
+    rendered = rendered_ids(isolated_stack, {big[0].request_id, big[1].request_id})
+    assert huge.request_id not in rendered
+
+
+def test_a_failed_send_answers_publish_error_and_the_retry_is_admitted(
+    processor_factory, isolated_stack
+) -> None:
+    processor = processor_factory(**DEDUPE_AND_LIMITS)
+    request = GenerationRequest.new(user_id="hal", prompt="p")
+    # Within what the broker takes, but its render copy is over the processor producer's
+    # 1,000,000-byte limit: the admission's send fails.
+    padding = [("padding", b"x" * 1_000_100)]
+    produce_raw(isolated_stack, [(request.kafka_key, encode(request), padding)])
+
+    (answer,) = results_for(isolated_stack, {request.request_id})[request.request_id]
+    assert (answer.status, answer.reason) == (Status.FAILED, Reason.PUBLISH_ERROR)
+    (letter,) = [
+        DeadLetter.from_kafka(m.key(), m.value(), m.headers())
+        for m in read_topic(isolated_stack, DLQ, lambda ms: len(ms) >= 1)
+    ]
+    assert letter.stage is Stage.PUBLISH
+    # The user publishes the same request again: admitted, not dropped as a retry.
+    with RequestPublisher(isolated_stack) as publisher:
+        publisher.publish(request)
+    assert request.request_id in rendered_ids(isolated_stack, {request.request_id})
+    processor.assert_running()

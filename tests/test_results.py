@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from imagegen.consumers.results import ResultSubscriber, ResultTimeout
-from imagegen.infra.kafka import make_producer
+from imagegen.infra.kafka import make_admin, make_producer
+from imagegen.infra.partitioning import partition_for
 from imagegen.infra.settings import Settings
 from imagegen.schemas import GenerationResult, Reason, Status, encode, new_request_id
 from imagegen.schemas.fields import utc_now
 from imagegen.schemas.topics import RESULTS
 from tests.conftest import settings_env
+from tests.helpers import imagegen
 from tests.processes import Service
 
 
@@ -32,6 +32,11 @@ def rejected(user: str = "ann") -> GenerationResult:
     )
 
 
+def partitions_of(settings: Settings, topic: str) -> int:
+    admin = make_admin(settings)
+    return len(admin.list_topics(topic, timeout=10).topics[topic].partitions)
+
+
 def publish(settings: Settings, *results: GenerationResult) -> None:
     producer = make_producer(settings)
     for result in results:
@@ -39,12 +44,40 @@ def publish(settings: Settings, *results: GenerationResult) -> None:
     assert producer.flush(10) == 0
 
 
-def test_wait_for_returns_each_requests_first_result(settings: Settings) -> None:
+def test_wait_for_returns_each_awaited_requests_result(settings: Settings) -> None:
     first, second, other = rejected(), rejected(), rejected()
     with ResultSubscriber(settings) as subscriber:
-        publish(settings, other, first, first, second)
+        publish(settings, other, first, first, second)  # `first` delivered twice
         found = subscriber.wait_for([first.request_id, second.request_id], timeout_s=30)
     assert found == {first.request_id: first, second.request_id: second}
+
+
+def test_wait_for_returns_the_latest_result_not_the_first(settings: Settings) -> None:
+    failed = rejected()
+    again = failed.model_copy(update={"reason": Reason.INVALID_REQUEST, "retry_after_ms": None})
+    publish(settings, failed, again)
+    arrived: list[GenerationResult] = []
+    with ResultSubscriber(
+        settings, start="beginning", request_ids=[failed.request_id]
+    ) as subscriber:
+        found = subscriber.wait_for([failed.request_id], timeout_s=30, on_result=arrived.append)
+    assert found == {failed.request_id: again}
+    assert arrived == [failed]  # the progress callback sees a request once, when first answered
+
+
+def test_a_subscriber_for_some_requests_reads_only_their_partitions(settings: Settings) -> None:
+    wanted, *others = [rejected(user="one-partition") for _ in range(24)]
+    count = partitions_of(settings, RESULTS)
+    home = partition_for(wanted.kafka_key, count)
+    elsewhere = {r.request_id for r in others if partition_for(r.kafka_key, count) != home}
+    assert elsewhere, "all 24 ids hashed to one partition: add more"
+    publish(settings, wanted, *others)
+    with ResultSubscriber(
+        settings, start="beginning", request_ids=[wanted.request_id]
+    ) as subscriber:
+        seen = {result.request_id for result in subscriber.until_caught_up()}
+    assert wanted.request_id in seen
+    assert not seen & elsewhere
 
 
 def test_wait_for_names_the_requests_still_missing(settings: Settings) -> None:
@@ -75,16 +108,6 @@ def test_reading_from_the_beginning_stops_when_caught_up(settings: Settings) -> 
     with ResultSubscriber(settings, start="beginning") as subscriber:
         seen = [result.request_id for result in subscriber.until_caught_up()]
     assert earlier.request_id in seen
-
-
-def imagegen(stack: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "imagegen", *args],
-        env=settings_env(stack),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def test_submit_wait_gets_an_image_through_the_whole_pipeline(

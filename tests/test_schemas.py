@@ -23,6 +23,7 @@ from imagegen.schemas import (
 )
 from imagegen.schemas.errors import InvalidMessage
 from imagegen.schemas.export import CONTRACTS, JSON_DIR, render
+from imagegen.schemas.fields import DATE_TIME_PATTERN, PATTERN_HELP
 
 REQUEST_SCHEMA = json.loads((JSON_DIR / "generation_request.v1.json").read_text())
 
@@ -84,6 +85,34 @@ def test_submitted_at_in_another_offset_becomes_utc() -> None:
     assert b'"submitted_at":"2026-01-01T10:00:00Z"' in encode(request)
 
 
+def test_submitted_at_on_the_wire_in_another_offset_becomes_utc() -> None:
+    fields = valid_fields(submitted_at="2026-01-01T12:00:00.25+02:00")
+    request = decode(GenerationRequest, as_bytes(fields))
+    assert request.submitted_at == datetime(2026, 1, 1, 10, 0, 0, 250_000, tzinfo=UTC)
+
+
+def test_a_datetime_out_of_range_in_utc_is_an_invalid_message() -> None:
+    # Python's datetime ends at year 1: converting this one to UTC overflows.
+    first_hour = datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1)))
+    with pytest.raises(InvalidMessage, match="submitted_at: is out of range"):
+        GenerationRequest.new(user_id="u", prompt="p", submitted_at=first_hour)
+
+
+def test_every_pattern_in_the_schemas_has_plain_words() -> None:
+    def patterns(node: object) -> list[str]:
+        if isinstance(node, dict):
+            found = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
+            return found + [p for value in node.values() for p in patterns(value)]
+        if isinstance(node, list):
+            return [p for value in node for p in patterns(value)]
+        return []
+
+    found = {p for model in CONTRACTS.values() for p in patterns(model.model_json_schema())}
+    # A date-time's own validator explains it; every other pattern needs words of its own.
+    assert found - {DATE_TIME_PATTERN.pattern} <= PATTERN_HELP.keys()
+    assert len(found) == len(PATTERN_HELP) + 1
+
+
 def test_uuid_request_ids_are_accepted() -> None:
     fields = valid_fields(request_id="0b5e2f0e-7d5c-4d2a-9a8e-3f1c2b4a6d7e")
     assert decode(GenerationRequest, as_bytes(fields)).request_id == fields["request_id"]
@@ -119,6 +148,9 @@ def test_uuid_request_ids_are_accepted() -> None:
         ("idempotency_key", "a\nb", "control characters"),
         ("output_format", "gif", "png"),
         ("submitted_at", "2026-11-21T10:00:00", "timezone"),
+        ("submitted_at", "2026-02-30T10:00:00Z", "calendar date"),
+        ("request_id", "01JD8X4ZQ6V1N3K7M9P2R5T8W0\n", "ULID"),
+        ("schema_version", True, "not a boolean"),
         ("schema_version", 2, "unsupported version 2"),
         ("colour", "red", "unknown field"),
     ],

@@ -267,3 +267,26 @@ def test_stored_is_a_snapshot_unaffected_by_later_flushes():
     flush(state)
 
     assert entries == [("user:a", [1])]
+
+
+def test_del_tombstones_the_key_in_the_partition_of_the_record_deciding():
+    table = Table({"user:a": [1]})
+    state = WriteBehind(table)
+    producer = Producer()
+    state.partition = 5
+
+    del state["user:a"]
+
+    assert state.get("user:a") is None
+    flush(state, producer)
+    assert sent_records(producer) == [(b'"user:a"', None, 5)]
+    assert table.data == {}
+
+
+def test_a_del_outside_a_record_decision_is_refused():
+    state = WriteBehind(Table({"user:a": [1]}))
+
+    with pytest.raises(RuntimeError):
+        del state["user:a"]
+
+    assert state.get("user:a") == [1]

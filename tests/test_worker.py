@@ -11,13 +11,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
 import torch
 from confluent_kafka import TopicPartition
 from PIL import Image
 
-from imagegen.consumers.dlq import Filters, read_dlq, replay
+from imagegen.consumers.dlq import FailedRecords, Filters, replay
 from imagegen.consumers.storage import object_key
 from imagegen.consumers.worker import RenderWorker, WorkerOptions
 from imagegen.infra.kafka import make_consumer, make_producer
@@ -36,7 +35,7 @@ from imagegen.schemas import (
 from imagegen.schemas.errors import WorkerCrashed
 from imagegen.schemas.topics import DLQ, RENDER, RESULTS, WORKER_GROUP
 from tests.conftest import settings_env
-from tests.helpers import read_topic, results_for
+from tests.helpers import read_topic, results_for, s3_client
 from tests.processes import Service
 from tests.proxy import Proxy
 
@@ -152,7 +151,7 @@ def test_an_object_store_outage_is_retried_and_loses_nothing(
     proxy = Proxy(host, int(port))
     through_proxy = isolated_stack.model_copy(update={"s3_endpoint": proxy.address})
     try:
-        worker = worker_factory(stack=through_proxy, max_attempts="20", retry_base_delay_s="0.1")
+        worker = worker_factory(stack=through_proxy, retry_base_delay_s="0.1")
         proxy.cut()
         requests = small_requests(6)
         submit(isolated_stack, requests)
@@ -168,7 +167,7 @@ def test_an_object_store_outage_is_retried_and_loses_nothing(
 def test_sigkill_repeatedly_leaves_exactly_one_object_per_request(
     worker_factory, isolated_stack
 ) -> None:
-    s3 = _boto(isolated_stack)
+    s3 = s3_client(isolated_stack)
     s3.put_bucket_versioning(
         Bucket=isolated_stack.s3_bucket, VersioningConfiguration={"Status": "Enabled"}
     )
@@ -317,20 +316,10 @@ def wait_for_line(log: Path, text: str, timeout_s: float = 60) -> None:
         time.sleep(0.1)  # a child's log file offers no notification
 
 
-def _boto(stack: Settings):
-    return boto3.client(
-        "s3",
-        endpoint_url=f"http://{stack.s3_endpoint}",
-        aws_access_key_id=stack.s3_access_key,
-        aws_secret_access_key=stack.s3_secret_key.get_secret_value(),
-        region_name=stack.s3_region,
-    )
-
-
 def test_a_request_failed_by_an_outage_succeeds_after_replay_and_renders_once(
     worker_factory, isolated_stack
 ) -> None:
-    s3 = _boto(isolated_stack)
+    s3 = s3_client(isolated_stack)
     s3.put_bucket_versioning(
         Bucket=isolated_stack.s3_bucket, VersioningConfiguration={"Status": "Enabled"}
     )
@@ -339,17 +328,18 @@ def test_a_request_failed_by_an_outage_succeeds_after_replay_and_renders_once(
     through_proxy = isolated_stack.model_copy(update={"s3_endpoint": proxy.address})
     request = small_requests(1)[0]
     try:
-        worker_factory(stack=through_proxy, max_attempts="1")
+        # No outage budget: the first unreachable store fails the request.
+        worker_factory(stack=through_proxy, max_attempts="1", outage_budget_s="0")
         proxy.cut()
         submit(isolated_stack, [request])
         (failed,) = results_for(isolated_stack, {request.request_id})[request.request_id]
         assert (failed.status, failed.reason) == (Status.FAILED, Reason.STORE_ERROR)
         proxy.restore()
 
-        entries = list(read_dlq(isolated_stack, Filters(request_id=request.request_id)))
-        assert [entry.letter.stage for entry in entries] == [Stage.STORE]
-        replay(isolated_stack, entries)
-        replay(isolated_stack, entries)  # the same entry twice
+        failures = FailedRecords(isolated_stack, Filters(request_id=request.request_id))
+        assert [failure.latest.letter.stage for failure in failures] == [Stage.STORE]
+        replay(isolated_stack, failures)
+        replay(isolated_stack, failures)  # the same record twice
         answers = [
             decode(GenerationResult, m.value())
             for m in read_topic(isolated_stack, RESULTS, lambda ms: len(ms) >= 3)

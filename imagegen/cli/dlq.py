@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
+from itertools import islice
 from typing import Annotated, Any
 
 import typer
@@ -13,7 +15,7 @@ from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
-from imagegen.consumers.dlq import Entry, Filters, ReplaySummary, read_dlq, replay
+from imagegen.consumers.dlq import FailedRecords, Failure, Filters, ReplaySummary, replay
 from imagegen.infra.kafka import check_broker
 from imagegen.infra.settings import load_settings
 from imagegen.schemas import Stage
@@ -22,9 +24,12 @@ from imagegen.schemas.topics import DLQ
 console = Console(soft_wrap=True, highlight=False)
 dlq_app = typer.Typer(
     no_args_is_help=True,
-    help=f"Inspect and replay the dead letters on {DLQ}. Filters combine: every one given "
-    "must hold.",
+    help=f"Inspect and replay the dead letters on {DLQ}, one row per failed record: its "
+    "latest letter (a replay that fails again adds a letter to the same record). Filters "
+    "select by that latest letter and combine: every one given must hold.",
 )
+#: Rows per printed table: a listing prints as it reads, so it never holds the whole DLQ.
+PAGE_ROWS = 100
 
 
 def _utc_time(text: str) -> datetime:
@@ -88,7 +93,8 @@ def list_entries(
     to_offset: ToOffset = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
-    """List the dead letters with their context, oldest first in each partition."""
+    """List each failed record once, by its latest dead letter, with its context and how
+    many of its replays failed again; oldest first in each partition."""
     filters = Filters(
         request_id=request_id,
         error_class=error_class,
@@ -101,12 +107,15 @@ def list_entries(
     )
     settings = load_settings()
     check_broker(settings)
+    records = FailedRecords(settings, filters)
     if as_json:
-        for entry in read_dlq(settings, filters):
-            typer.echo(json.dumps(_as_json(entry)))
+        for failure in records:
+            typer.echo(json.dumps(_as_json(failure)))
         return
-    entries = sorted(read_dlq(settings, filters), key=lambda e: (e.partition, e.offset))
-    console.print(_table(entries))
+    count = len(records)
+    console.print(f"{DLQ}: {count} failed record{'' if count == 1 else 's'}")
+    for page in _pages(records):
+        console.print(_table(page))
 
 
 @dlq_app.command("replay")
@@ -129,10 +138,20 @@ def replay_entries(
     yes: Annotated[
         bool, typer.Option("--yes", "-y", help="Replay the whole DLQ without asking.")
     ] = False,
+    again: Annotated[
+        bool,
+        typer.Option(
+            "--again", help="Also replay records whose replay failed again (their latest letter)."
+        ),
+    ] = False,
 ) -> None:
-    """Republish dead letters to their original topics, with the header replay.of.
+    """Republish each selected failed record's latest dead letter to its original topic,
+    with the header replay.of signed with IMAGEGEN_REPLAY_KEY.
 
-    Exits 1 when a message could not be delivered.
+    Safe to run twice: a record whose replay failed again is skipped unless --again is
+    given, so a second run while the cause persists publishes nothing. (A run started
+    before the first run's replays have failed again cannot know they will.) Exits 1 when
+    a message could not be delivered.
     """
     filters = Filters(
         request_id=request_id,
@@ -154,19 +173,21 @@ def replay_entries(
         raise typer.Exit(2)
     settings = load_settings()
     check_broker(settings)
-    entries = list(read_dlq(settings, filters))
-    if not entries:
-        console.print(f"no entries of {DLQ} match; nothing to replay")
+    records = FailedRecords(settings, filters)
+    if not records:
+        console.print(f"no failed records in {DLQ} match; nothing to replay")
         return
     if confirm:
         typer.confirm(
-            f"Replay all {len(entries)} entries of {DLQ} to their original topics?", abort=True
+            f"Replay all {len(records)} failed records of {DLQ} to their original topics?",
+            abort=True,
         )
     with Progress(console=Console(stderr=True)) as progress:
-        task = progress.add_task("checking" if dry_run else "replaying", total=len(entries))
+        task = progress.add_task("checking" if dry_run else "replaying", total=len(records))
         summary = replay(
             settings,
-            entries,
+            records,
+            again=again,
             dry_run=dry_run,
             rate=rate,
             progress=lambda done, _total: progress.update(task, completed=done),
@@ -176,17 +197,25 @@ def replay_entries(
         raise typer.Exit(1)
 
 
-def _table(entries: list[Entry]) -> Table:
-    table = Table(title=f"{DLQ}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+def _pages(records: Iterable[Failure]) -> Iterator[list[Failure]]:
+    rows = iter(records)
+    while page := list(islice(rows, PAGE_ROWS)):
+        yield page
+
+
+def _table(page: list[Failure]) -> Table:
+    table = Table()
     for column in ("dlq", "failed at", "stage"):
         table.add_column(column, no_wrap=True)
     # Text folds onto more lines in a narrow terminal rather than lose characters.
     table.add_column("error", overflow="fold")
     table.add_column("message", ratio=1, min_width=16, overflow="fold")
-    table.add_column("attempts", justify="right", no_wrap=True)
+    for column in ("attempts", "replays"):
+        table.add_column(column, justify="right", no_wrap=True)
     for column in ("original", "request id"):
         table.add_column(column, overflow="fold")
-    for entry in entries:
+    for failure in page:
+        entry = failure.latest
         where = f"{entry.partition}/{entry.offset}"
         letter = entry.letter
         if letter is None:
@@ -199,8 +228,9 @@ def _table(entries: list[Entry]) -> Table:
             escape(letter.error_class),
             escape(_short(letter.error_message)),
             str(letter.attempts),
+            str(failure.replays),
             escape(f"{letter.original_topic}/{letter.original_partition}/{letter.original_offset}"),
-            escape(entry.request_id or ""),
+            escape(entry.request_id or ("(in object store)" if letter.original_object else "")),
         )
     return table
 
@@ -210,15 +240,19 @@ def _short(message: str, limit: int = 60) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _as_json(entry: Entry) -> dict[str, Any]:
+def _as_json(failure: Failure) -> dict[str, Any]:
+    entry = failure.latest
     where = {
         "dlq_partition": entry.partition,
         "dlq_offset": entry.offset,
         "dlq_timestamp_ms": entry.timestamp_ms,
+        "replays": failure.replays,
+        "first_entry": failure.first,
     }
     letter = entry.letter
     if letter is None:
         return {**where, "readable": False, "problem": entry.problem}
+    spilled = letter.original_object is not None
     return {
         **where,
         "readable": True,
@@ -233,26 +267,40 @@ def _as_json(entry: Entry) -> dict[str, Any]:
         "original_partition": letter.original_partition,
         "original_offset": letter.original_offset,
         "original_timestamp_ms": letter.original_timestamp_ms,
+        # Set when the letter was too large to send: the original's bytes are in this object
+        # (in the images bucket), and key, value and headers are not shown.
+        "original_object": letter.original_object,
         "request_id": entry.request_id,
         # Keys are user or request ids in practice; escape whatever else turns up.
         "key": None if letter.key is None else letter.key.decode(errors="backslashreplace"),
-        "value_bytes": len(letter.value or b""),
-        "headers": [name for name, _ in letter.original_headers],
+        "value_bytes": None if spilled else len(letter.value or b""),
+        "headers": None if spilled else [name for name, _ in letter.original_headers],
     }
 
 
 def _print_summary(summary: ReplaySummary) -> None:
-    if summary.dry_run:
-        for entry in summary.replayed:
-            assert entry.letter is not None  # only dead letters are replayed
-            console.print(f"would replay {entry.coordinates} to {entry.letter.original_topic}")
-    for entry, reason in summary.skipped:
-        console.print(f"skipped {entry.coordinates}: {escape(reason)}")
-    for entry, reason in summary.failed:
-        console.print(f"[red]failed[/red] {entry.coordinates}: {escape(reason)}")
-    verb = "dry run: would replay" if summary.dry_run else "replayed"
+    verb = "would replay" if summary.dry_run else "replayed"
+    for replayed in summary.replayed:
+        request = f" (request {escape(replayed.request_id)})" if replayed.request_id else ""
+        console.print(f"{verb} {replayed.coordinates} to {replayed.topic}{request}")
+    for coordinates, reason in summary.skipped:
+        console.print(f"skipped {coordinates}: {escape(reason)}")
+    for coordinates, reason in summary.failed:
+        console.print(f"[red]failed[/red] {coordinates}: {escape(reason)}")
     line = (
-        f"{verb} {len(summary.replayed)} of {summary.selected} selected entries, "
-        f"skipped {len(summary.skipped)}, failed {len(summary.failed)}"
+        f"{'dry run: ' if summary.dry_run else ''}{verb} {len(summary.replayed)} of "
+        f"{summary.selected} selected records, skipped {len(summary.skipped)}, "
+        f"failed {len(summary.failed)}"
     )
     console.print(line + ("; nothing was published" if summary.dry_run else ""))
+    if summary.replayed and not summary.dry_run:
+        console.print(_how_to_follow(summary))
+
+
+def _how_to_follow(summary: ReplaySummary) -> str:
+    example = next((r.request_id for r in summary.replayed if r.request_id), "<request id>")
+    return (
+        "follow their results with `imagegen results --follow`; a replay that fails again "
+        "shows up in `imagegen dlq list` with one more replay. One request's image: "
+        f"`imagegen fetch {escape(example)} -o image.png`"
+    )

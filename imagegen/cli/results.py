@@ -1,17 +1,24 @@
-"""`imagegen results` and `imagegen fetch`: read answers and download images."""
+"""`imagegen results` and `imagegen fetch`: read answers and download images.
+
+Both show each request's latest result: a request replayed from the DLQ has a failed result
+and, after it, a succeeded one, and its state is the succeeded one.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 
-from imagegen.consumers.results import ResultSubscriber, Start
+from imagegen.consumers.results import ResultSubscriber, latest_result, latest_results
 from imagegen.infra.object_store import ObjectStore
 from imagegen.infra.settings import load_settings
 from imagegen.schemas import GenerationResult, Status
+from imagegen.schemas.fields import PATTERN_HELP, RequestId
 
 console = Console(soft_wrap=True, highlight=False)
 
@@ -27,26 +34,26 @@ def results(
     user: Annotated[str | None, typer.Option("--user", "-u", help="Only this user's.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
-    """Print the results on imagegen.results (all of them, or new ones with --follow)."""
-    start: Start = "end" if follow and not from_beginning else "beginning"
-    with ResultSubscriber(load_settings(), start=start) as subscriber:
-        stream = subscriber.follow() if follow else subscriber.until_caught_up()
-        for result in stream:
-            if user is None or result.user_id == user:
-                console.print(result.model_dump_json() if as_json else _line(result))
+    """Print each request's latest result on imagegen.results (or, with --follow, new
+    results as they arrive: a later one for the same request supersedes the earlier)."""
+    retained = not follow or from_beginning
+    with ResultSubscriber(load_settings(), start="beginning" if retained else "end") as subscriber:
+        if retained:
+            # Held until caught up, one result per request: a later one may supersede any.
+            _print(latest_results(_of(user, subscriber.until_caught_up())).values(), as_json)
+        if follow:
+            _print(_of(user, subscriber.follow()), as_json)
 
 
 def fetch(
     request_id: Annotated[str, typer.Argument(help="The request whose image to download.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the image.")],
 ) -> None:
-    """Download the image of a succeeded request."""
+    """Download the image of a request whose latest result is succeeded."""
+    request_id = _request_id(request_id)
     settings = load_settings()
-    with (
-        console.status(f"looking for the result of {request_id} ..."),
-        ResultSubscriber(settings, start="beginning") as subscriber,
-    ):
-        found = next((r for r in subscriber.until_caught_up() if r.request_id == request_id), None)
+    with console.status(f"looking for the result of {request_id} ..."):
+        found = latest_result(settings, request_id)
     if found is None:
         raise typer.BadParameter(
             f"no result for {request_id} on imagegen.results yet; check the id, or wait with "
@@ -55,11 +62,38 @@ def fetch(
         )
     if found.status is not Status.SUCCEEDED or found.object_key is None:
         console.print(f"{request_id} has no image: {_line(found)}")
+        if found.status is Status.FAILED:
+            console.print(
+                f"see why with `imagegen dlq list --request-id {request_id}`, and once the "
+                f"cause is fixed, `imagegen dlq replay --request-id {request_id}`"
+            )
         raise typer.Exit(1)
     data = ObjectStore(settings).get(found.object_key)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_bytes(data)
     console.print(f"wrote {output} ({len(data)} bytes, {found.content_type})")
+
+
+def _request_id(given: str) -> str:
+    try:
+        return TypeAdapter(RequestId).validate_python(given)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        reason = PATTERN_HELP.get(error.get("ctx", {}).get("pattern", ""), error["msg"])
+        raise typer.BadParameter(
+            f"{given!r} is not a request id ({reason}); copy it from `imagegen submit` or "
+            "`imagegen results`",
+            param_hint="REQUEST_ID",
+        ) from None
+
+
+def _of(user: str | None, results: Iterable[GenerationResult]) -> Iterator[GenerationResult]:
+    return (result for result in results if user is None or result.user_id == user)
+
+
+def _print(results: Iterable[GenerationResult], as_json: bool) -> None:
+    for result in results:
+        console.print(result.model_dump_json() if as_json else _line(result))
 
 
 def _line(result: GenerationResult) -> str:

@@ -61,7 +61,11 @@ def submit(
         console.print(encode(request).decode() if as_json else request.request_id)
         return
     # Subscribe first: a result published before the subscriber existed could be missed.
-    with ResultSubscriber(settings) as results, RequestPublisher(settings) as publisher:
+    # Only the partition where this request's results land is read.
+    with (
+        ResultSubscriber(settings, request_ids=[request.request_id]) as results,
+        RequestPublisher(settings) as publisher,
+    ):
         publisher.publish(request)
         with console.status(f"waiting for {request.request_id} ..."):
             result = results.wait_for([request.request_id], timeout)[request.request_id]
