@@ -12,7 +12,6 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -42,17 +41,6 @@ SECRETS = {
 SIGNED = re.compile(r"X-Amz-(?:Signature|Credential)=(?!\[redacted\])", re.IGNORECASE)
 
 
-@pytest.fixture
-def debug_logging(capsys: pytest.CaptureFixture[str]) -> Iterator[None]:
-    """Leave the root logger, and warnings capture, as they were before the test."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.captureWarnings(False)
-
-
 def with_secrets(settings: Settings, **changes: object) -> Settings:
     return settings.model_copy(update={**SECRETS, **changes})
 
@@ -72,7 +60,7 @@ def signature_of(url: str) -> str:
 
 @pytest.mark.parametrize("log_format", ["json", "text"])
 def test_secrets_and_signed_urls_are_scrubbed_from_every_part_of_a_line(
-    debug_logging: None, capsys: pytest.CaptureFixture[str], log_format: str
+    root_logging: None, capsys: pytest.CaptureFixture[str], log_format: str
 ) -> None:
     settings = load_settings(s3_secret_key="s3-secret-a81b", log_format=log_format, **SECRETS)
     configure_logging(settings, "debug")
@@ -102,7 +90,7 @@ def test_secrets_and_signed_urls_are_scrubbed_from_every_part_of_a_line(
 
 
 def test_settings_loading_says_nothing_secret(
-    debug_logging: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    root_logging: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for name, value in SECRETS.items():
         monkeypatch.setenv(f"IMAGEGEN_{name.upper()}", value.get_secret_value())
@@ -123,7 +111,7 @@ def test_settings_loading_says_nothing_secret(
 
 
 def test_the_object_store_at_debug_logs_no_signed_url(
-    settings: Settings, debug_logging: None, capsys: pytest.CaptureFixture[str]
+    settings: Settings, root_logging: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     configured = with_secrets(settings)
     configure_logging(configured, "debug")
@@ -144,7 +132,7 @@ def test_the_object_store_at_debug_logs_no_signed_url(
 
 def test_fetch_at_debug_logs_no_credentials(
     settings: Settings,
-    debug_logging: None,
+    root_logging: None,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
@@ -181,7 +169,7 @@ def test_fetch_at_debug_logs_no_credentials(
 
 
 def test_kafka_clients_with_a_sasl_password_log_none_of_it(
-    settings: Settings, debug_logging: None, capsys: pytest.CaptureFixture[str]
+    settings: Settings, root_logging: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The embedded broker speaks no SASL: the clients try, fail, and log all about it.
     configured = with_secrets(

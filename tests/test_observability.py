@@ -12,7 +12,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -71,16 +70,6 @@ main()
 
 
 # ---- logs ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def root_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.captureWarnings(False)
 
 
 def test_json_lines_carry_the_context_and_the_exception(root_logging, capsys) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -14,8 +12,7 @@ from imagegen.producers import AsyncRequestPublisher, RequestPublisher
 from imagegen.schemas import GenerationRequest, decode
 from imagegen.schemas.errors import BrokerUnavailable, InvalidMessage
 from imagegen.schemas.topics import REQUESTS
-from tests.conftest import settings_env
-from tests.helpers import free_port, read_topic
+from tests.helpers import free_port, imagegen, read_topic
 
 
 def published(
@@ -86,19 +83,8 @@ def test_async_unreachable_broker_times_out() -> None:
         asyncio.run(attempt())
 
 
-def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "imagegen", *args],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_submit_prints_the_request_id(settings: Settings) -> None:
-    result = run_cli(
+    result = imagegen(
         settings,
         "submit",
         "a harbour at night",
@@ -122,13 +108,13 @@ def test_submit_prints_the_request_id(settings: Settings) -> None:
 
 
 def test_submit_json_prints_the_request(settings: Settings) -> None:
-    result = run_cli(settings, "submit", "a kite", "--user", "gina", "--seed", "7", "--json")
+    result = imagegen(settings, "submit", "a kite", "--user", "gina", "--seed", "7", "--json")
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
     assert (printed["user_id"], printed["seed"]) == ("gina", 7)
 
 
 def test_submit_rejects_bad_input_by_field(settings: Settings) -> None:
-    result = run_cli(settings, "submit", "x", "--user", "bad user", "--steps", "500")
+    result = imagegen(settings, "submit", "x", "--user", "bad user", "--steps", "500")
     assert result.returncode == 2
     assert "user_id:" in result.stderr and "steps:" in result.stderr
