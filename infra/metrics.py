@@ -76,6 +76,24 @@ RETRIES = Counter("imagegen_retries_total", "Retries after a transient error, by
 DLQ_RECORDS = Counter(
     "imagegen_dlq_records_total", "Dead letters the broker acknowledged, by stage.", ["stage"]
 )
+DEVICE_SECONDS = Counter(
+    "imagegen_device_seconds_total",
+    "Device time spent rendering, by model: each request's share of its batch's render time.",
+    ["model"],
+)
+JOBS_ENDED_EARLY = Counter(
+    "imagegen_jobs_ended_early_total",
+    "Requests answered canceled or expired, by status and where (intake, queue, render).",
+    ["status", "where"],
+)
+CANCELS_IGNORED = Counter(
+    "imagegen_cancellations_ignored_total",
+    "Cancellations ignored because their user_id is not the request's own.",
+)
+EVENTS_UNSENT = Counter(
+    "imagegen_events_unsent_total",
+    "Job events the broker never acknowledged (events are for watching; results still go).",
+)
 CONSUMER_LAG = Gauge(
     "imagegen_consumer_lag",
     "Records between a group's committed offset and the end of the partition.",

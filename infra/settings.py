@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     # Per-user tiers, in the same tokens: {"user_id": {"per_s": 20, "burst": 50}, ...}
     rate_user_overrides: dict[str, RateOverride] = Field(default_factory=dict)
 
+    # Job lifecycle: a request without `expires_at` expires this long after `submitted_at`.
+    # No render starts after a request's deadline; it is answered `expired` instead.
+    default_ttl_s: float = Field(default=600.0, gt=0)
+
     # Render workers: attempts per request before it fails to the DLQ, and the first
     # retry's delay (doubling each time, with jitter).
     max_attempts: int = Field(default=3, ge=1)

@@ -23,7 +23,15 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, Resourc
 
 from imagegen.infra.settings import Settings
 from imagegen.schemas.errors import BrokerUnavailable
-from imagegen.schemas.topics import DLQ, RENDER, REQUESTS, RESULTS
+from imagegen.schemas.topics import (
+    CANCELLATIONS,
+    DLQ,
+    EVENTS,
+    RENDER,
+    RENDER_BATCH,
+    REQUESTS,
+    RESULTS,
+)
 
 DAY_MS = 24 * 60 * 60 * 1000
 
@@ -42,7 +50,17 @@ class TopicSpec:
 TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(REQUESTS, 6, {"retention.ms": str(7 * DAY_MS)}),
     TopicSpec(RENDER, 6, {"retention.ms": str(7 * DAY_MS)}),
+    TopicSpec(RENDER_BATCH, 6, {"retention.ms": str(7 * DAY_MS)}),
     TopicSpec(RESULTS, 6, {"retention.ms": str(7 * DAY_MS)}),
+    # Events are for watching jobs as they run; a day is long past any job's end.
+    TopicSpec(EVENTS, 6, {"retention.ms": str(DAY_MS)}),
+    # One cancellation per request survives compaction; every reader loads them all at
+    # start-up, so old ones are deleted too, once no request they name can still run.
+    TopicSpec(
+        CANCELLATIONS,
+        3,
+        {"cleanup.policy": "compact,delete", "retention.ms": str(7 * DAY_MS)},
+    ),
     # Operators inspect and replay the DLQ, sometimes weeks later.
     TopicSpec(DLQ, 3, {"retention.ms": str(30 * DAY_MS)}),
 )

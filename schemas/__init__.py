@@ -3,19 +3,25 @@
 JSON Schema files generated from these models live in `schemas/json/` (`make schemas`).
 """
 
+from imagegen.schemas.cancellations import CancelRequest
 from imagegen.schemas.codec import MAX_MESSAGE_BYTES, build, decode, encode
 from imagegen.schemas.dead_letters import DeadLetter, Stage
+from imagegen.schemas.events import EventType, JobEvent
 from imagegen.schemas.fields import SCHEMA_VERSION, new_request_id
-from imagegen.schemas.requests import GenerationRequest, OutputFormat
+from imagegen.schemas.requests import GenerationRequest, OutputFormat, Priority
 from imagegen.schemas.results import GenerationResult, Reason, Status, Timings
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "SCHEMA_VERSION",
+    "CancelRequest",
     "DeadLetter",
+    "EventType",
     "GenerationRequest",
     "GenerationResult",
+    "JobEvent",
     "OutputFormat",
+    "Priority",
     "Reason",
     "Stage",
     "Status",

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from imagegen.schemas.cancellations import CancelRequest
 from imagegen.schemas.codec import MAX_MESSAGE_BYTES
+from imagegen.schemas.events import JobEvent
 from imagegen.schemas.requests import GenerationRequest
 from imagegen.schemas.results import GenerationResult
 
@@ -15,6 +17,8 @@ JSON_DIR = Path(__file__).parent / "json"
 CONTRACTS: dict[str, type[BaseModel]] = {
     "generation_request.v1.json": GenerationRequest,
     "generation_result.v1.json": GenerationResult,
+    "job_event.v1.json": JobEvent,
+    "cancel_request.v1.json": CancelRequest,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +26,8 @@ from imagegen.schemas.fields import (
 )
 
 OutputFormat = Literal["png", "jpeg", "webp"]
+#: `interactive` work is rendered first; `batch` work only while no interactive work waits.
+Priority = Literal["interactive", "batch"]
 
 
 class GenerationRequest(BaseModel):
@@ -51,6 +54,12 @@ class GenerationRequest(BaseModel):
     idempotency_key: IdempotencyKey | None = None
     output_format: OutputFormat = "png"
     submitted_at: UtcDatetime
+    priority: Priority = "interactive"
+    expires_at: UtcDatetime | None = Field(
+        default=None,
+        description="No render starts after this; when absent, submitted_at plus the "
+        "deployment's IMAGEGEN_DEFAULT_TTL_S.",
+    )
 
     @classmethod
     def new(cls, **fields: Any) -> Self:
@@ -65,3 +74,9 @@ class GenerationRequest(BaseModel):
     @property
     def kafka_key(self) -> bytes:
         return self.user_id.encode()
+
+    def deadline(self, default_ttl_s: float) -> datetime:
+        """When the request expires: `expires_at`, else `submitted_at` + `default_ttl_s`."""
+        if self.expires_at is not None:
+            return self.expires_at
+        return self.submitted_at + timedelta(seconds=default_ttl_s)

@@ -27,6 +27,10 @@ class Status(StrEnum):
     FAILED = "failed"
     REJECTED = "rejected"
     DUPLICATE = "duplicate"
+    #: Its user canceled it before it finished; reason `canceled`.
+    CANCELED = "canceled"
+    #: Its deadline (`expires_at`) passed before a render started; reason `deadline_exceeded`.
+    EXPIRED = "expired"
 
 
 class Reason(StrEnum):
@@ -41,6 +45,16 @@ class Reason(StrEnum):
     RENDER_ERROR = "render_error"
     STORE_ERROR = "store_error"
     PUBLISH_ERROR = "publish_error"
+    CANCELED = "canceled"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    #: The fleet's backlog would keep the request from starting before its deadline.
+    OVERLOADED = "overloaded"
+
+
+#: The one reason each of these statuses has.
+_STATUS_REASON = {Status.CANCELED: Reason.CANCELED, Status.EXPIRED: Reason.DEADLINE_EXCEEDED}
+#: The reasons after which a wait helps, told in `retry_after_ms`.
+_RETRY_REASONS = (Reason.RATE_LIMITED, Reason.OVERLOADED)
 
 
 class Timings(BaseModel):
@@ -77,7 +91,7 @@ def _status_rules() -> dict[str, Any]:
                 },
             },
             {
-                "if": status_is(Status.FAILED, Status.REJECTED),
+                "if": status_is(Status.FAILED, Status.REJECTED, *_STATUS_REASON),
                 "then": {"required": ["reason"], "properties": {"reason": present}},
             },
             {
@@ -85,11 +99,18 @@ def _status_rules() -> dict[str, Any]:
                 "then": {"required": ["duplicate_of"], "properties": {"duplicate_of": present}},
                 "else": {"properties": {"duplicate_of": absent}},
             },
+            *(
+                {
+                    "if": status_is(status),
+                    "then": {"required": ["reason"], "properties": {"reason": {"const": reason}}},
+                }
+                for status, reason in _STATUS_REASON.items()
+            ),
             {
                 "if": {"required": ["retry_after_ms"], "properties": {"retry_after_ms": present}},
                 "then": {
                     "required": ["reason"],
-                    "properties": {"reason": {"const": Reason.RATE_LIMITED}},
+                    "properties": {"reason": {"enum": list(_RETRY_REASONS)}},
                 },
             },
         ]
@@ -128,6 +149,10 @@ class GenerationResult(BaseModel):
         default=None, description="How many requests shared the forward pass."
     )
     timings: Timings | None = None
+    device_ms: Milliseconds | None = Field(
+        default=None,
+        description="Device time spent on this request: its share of its batch's render time.",
+    )
     attempts: NonNegativeInt = 0
     worker_id: str | None = Field(default=None, max_length=256)
     completed_at: UtcDatetime
@@ -140,12 +165,15 @@ class GenerationResult(BaseModel):
                 raise ValueError(f"a succeeded result needs {', '.join(missing)}")
             if self.reason is not None:
                 raise ValueError("a succeeded result has no reason")
-        elif self.status in (Status.FAILED, Status.REJECTED) and self.reason is None:
+        elif self.status is not Status.DUPLICATE and self.reason is None:
             raise ValueError(f"a {self.status} result needs a reason")
         if (self.status is Status.DUPLICATE) != (self.duplicate_of is not None):
             raise ValueError("duplicate_of is set exactly when status is duplicate")
-        if self.retry_after_ms is not None and self.reason is not Reason.RATE_LIMITED:
-            raise ValueError("retry_after_ms belongs to rate_limited results only")
+        expected = _STATUS_REASON.get(self.status)
+        if expected is not None and self.reason is not expected:
+            raise ValueError(f"a {self.status} result has reason {expected}")
+        if self.retry_after_ms is not None and self.reason not in _RETRY_REASONS:
+            raise ValueError("retry_after_ms belongs to rate_limited and overloaded results only")
         return self
 
     @property

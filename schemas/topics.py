@@ -10,8 +10,14 @@ REQUESTS = "imagegen.requests"
 RENDER = "imagegen.render"
 RESULTS = "imagegen.results"
 DLQ = "imagegen.dlq"
+#: Admitted `batch` requests: workers read it only while `RENDER` has nothing waiting.
+RENDER_BATCH = "imagegen.render.batch"
+#: `JobEvent`s, keyed by request_id.
+EVENTS = "imagegen.events"
+#: `CancelRequest`s, keyed by request_id; compacted.
+CANCELLATIONS = "imagegen.cancellations"
 
 #: The faust app id of the processor; it reads `REQUESTS`.
 PROCESSOR_GROUP = "imagegen-processor"
-#: The render workers' group; it reads `RENDER`.
+#: The render workers' group; it reads `RENDER` and `RENDER_BATCH`.
 WORKER_GROUP = "imagegen-workers"

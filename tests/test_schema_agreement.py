@@ -304,6 +304,8 @@ valid_requests = documents(
     ),
     output_format=optional(st.sampled_from(["png", "jpeg", "webp"]), nullable=False),
     submitted_at=timestamps(),
+    priority=optional(st.sampled_from(["interactive", "batch"]), nullable=False),
+    expires_at=optional(timestamps()),
 )
 
 milliseconds = integer(0, 10**9) | st.floats(0, 1e12)
@@ -330,6 +332,10 @@ def valid_results(draw: st.DrawFn) -> Document:
         reason: st.SearchStrategy[Any] = optional(st.nothing())
     elif status is Status.DUPLICATE:
         reason = optional(st.sampled_from(Reason))
+    elif status is Status.CANCELED:
+        reason = st.just(Reason.CANCELED)
+    elif status is Status.EXPIRED:
+        reason = st.just(Reason.DEADLINE_EXCEEDED)
     else:
         reason = st.sampled_from(Reason)
     document = draw(
@@ -352,12 +358,13 @@ def valid_results(draw: st.DrawFn) -> Document:
             steps=optional(integer(1, 1000)),
             batch_size=optional(integer(1, 64)),
             timings=optional(timings),
+            device_ms=optional(milliseconds),
             attempts=optional(integer(0, 10), nullable=False),
             worker_id=optional(st.text(NOT_JSON, max_size=80)),
             completed_at=timestamps(),
         )
     )
-    if document.get("reason") == Reason.RATE_LIMITED:
+    if document.get("reason") in (Reason.RATE_LIMITED, Reason.OVERLOADED):
         retry = draw(optional(integer(0, 10**6)))
         if retry is not ABSENT:
             document["retry_after_ms"] = retry
