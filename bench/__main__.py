@@ -1,4 +1,5 @@
-"""`python -m bench` (`make bench`): the start-up, intake, render and end-to-end benchmarks in turn.
+"""`python -m bench` (`make bench`): the start-up, intake, render, end-to-end and overload
+benchmarks in turn.
 
 Writes every figure, the targets and whether each is met, the date, the commit and the
 machine to `bench/results.json`, and generates `docs/benchmarks.md` from the same data.
@@ -29,11 +30,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import e2e, intake, machine, render, report, startup
+from bench import e2e, intake, machine, overload, render, report, startup
 from imagegen.consumers.devices import resolve_device
 from imagegen.schemas.errors import ConfigError
 
-BENCHMARKS = ("startup", "intake", "render", "e2e")
+BENCHMARKS = ("startup", "intake", "render", "e2e", "overload")
 INTAKE_REQUESTS = 20_000
 INTAKE_REQUESTS_QUICK = 5_000
 
@@ -87,6 +88,27 @@ def targets(mode: Mode) -> list[Target]:
         Target("e2e", "overhead_p99_ms", False, 50, "pipeline overhead p99 at 20 req/s (ms)"),
         Target("startup", "publisher_s", False, 1.0, "`import imagegen.producers` (s)"),
         Target("startup", "cli_help_s", False, 1.0, "`imagegen --help` (s)"),
+        Target(
+            "overload",
+            "renders_started_after_deadline",
+            False,
+            0,
+            "renders started after their deadline, at 3x capacity",
+        ),
+        Target(
+            "overload",
+            "device_s_canceled_or_expired",
+            False,
+            0,
+            "device-seconds on requests expired or canceled before their render",
+        ),
+        Target(
+            "overload",
+            "cancel_latency_p99_vs_target",
+            False,
+            1.0,
+            "mid-render cancel latency p99 / (1 step + 200 ms)",
+        ),
     ]
 
 
@@ -114,11 +136,16 @@ def run_e2e(mode: Mode, scratch: Path) -> dict[str, object]:
     return e2e.run(e2e.QUICK if mode.quick else e2e.DEFAULT, scratch)
 
 
+def run_overload(mode: Mode, scratch: Path) -> dict[str, object]:
+    return overload.run(overload.QUICK if mode.quick else overload.DEFAULT, scratch)
+
+
 RUNNERS: dict[str, Callable[[Mode, Path], dict[str, object]]] = {
     "startup": run_startup,
     "intake": run_intake,
     "render": run_render,
     "e2e": run_e2e,
+    "overload": run_overload,
 }
 
 

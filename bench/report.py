@@ -65,6 +65,28 @@ then): a shared CPU's speed drifts, and a slower model keeps requests waiting be
 A request without a succeeded result is a failure, and a run with failures in any window
 meets no target."""
 
+OVERLOAD = """\
+One `imagegen processor` and one `imagegen worker` on a private stack, rate limits that admit
+everything, warm-up first. In the same run, a closed-loop burst of requests of the benchmark's
+shape measures the worker's capacity (results per second after the first batch); then requests
+are published open loop at three times that for a window. Two in three are `interactive`, with
+a deadline (`expires_at`) a couple of seconds after publish; one in three is `batch`, with a
+longer one. Interactive work alone is twice what the worker renders, so the processor must shed
+some (`overloaded`), the worker must let what waits past its deadline expire unrendered, and
+batch work waits behind interactive work. One request in 20 is a *mid-render* cancel sample,
+interactive with the batch deadline (so that enough of them run) and three times the steps,
+canceled at its first `progress` event; another in 20 is canceled at its `admitted` event.
+*Renders started after their deadline* are `started` events later than the request's
+`expires_at`. *Device-seconds* are the results' `device_ms` (a request's share of its batch's
+render) summed over the requests that ended expired or were canceled before their render began;
+a mid-render cancel's device time is listed beside it but not held to zero, since it was spent
+before the cancel was asked for. *Cancel latency* runs from the cancel's publish to the arrival
+of the `canceled` result; its target is one step + 200 ms. The step is timed in the same
+window, from the first and last `progress` events of uncanceled requests with one step more
+than the cancel samples (so that they never share a batch with one: a cancel stops its batch,
+and the other members render again). Every request must get exactly one answer, and a `failed`
+one or none is a failure."""
+
 BREAKDOWN = {
     "publish": "publish call, until the broker acknowledged",
     "to_admission": "publish to admission by the processor (approximate)",
@@ -75,7 +97,7 @@ BREAKDOWN = {
 
 RUNNING = """\
 ```sh
-make bench                            # all four; bench/results.json and docs/benchmarks.md
+make bench                            # all five; bench/results.json and docs/benchmarks.md
 BENCH_QUICK=1 make bench              # short runs: a few minutes in all
 make bench ARGS=--gpu                 # render: sd15-random, 512x512, 25 steps on CUDA
 make bench ARGS="--gpu --only render" # that alone, on a GPU machine (or BENCH_GPU=1)
@@ -83,6 +105,7 @@ python -m bench.startup [--rounds N]
 python -m bench.intake [--requests N]
 python -m bench.render [--quick] [--gpu] [--batch-sizes 1,2,4,8]
 python -m bench.e2e [--quick] [--rate 20] [--duration 60]
+python -m bench.overload [--quick] [--load 3] [--duration 30]
 ```
 
 Every benchmark starts a private embedded stack (Tansu and moto's S3 server, on free ports)
@@ -122,9 +145,27 @@ def markdown(results: dict[str, Any], results_path: Path) -> str:
         RUNNING,
         "",
     ]
-    sections = {"startup": _flat, "intake": _flat, "render": _render, "e2e": _e2e}
-    titles = {"startup": "Start-up", "intake": "Intake", "render": "Render", "e2e": "End to end"}
-    texts = {"startup": STARTUP, "intake": INTAKE, "render": RENDER, "e2e": E2E}
+    sections = {
+        "startup": _flat,
+        "intake": _flat,
+        "render": _render,
+        "e2e": _e2e,
+        "overload": _overload,
+    }
+    titles = {
+        "startup": "Start-up",
+        "intake": "Intake",
+        "render": "Render",
+        "e2e": "End to end",
+        "overload": "Overload",
+    }
+    texts = {
+        "startup": STARTUP,
+        "intake": INTAKE,
+        "render": RENDER,
+        "e2e": E2E,
+        "overload": OVERLOAD,
+    }
     for name, run in runs.items():
         lines += [f"## {titles[name]}", "", texts[name], "", _run_line(run), ""]
         if "error" not in run:
@@ -138,12 +179,12 @@ def summary(results: dict[str, Any]) -> str:
     lines = []
     for target in results.get("targets", []):
         lines.append(
-            f"{target['benchmark']:>7}  {target['label']}: {_value(target['value'])} "
+            f"{target['benchmark']:>8}  {target['label']}: {_value(target['value'])} "
             f"(target {target['target']}, {_met(target['met'])})"
         )
     for name, run in results.get("runs", {}).items():
         if "error" in run:
-            lines.append(f"{name:>7}  failed: {run['error']}")
+            lines.append(f"{name:>8}  failed: {run['error']}")
     return "\n".join(lines)
 
 
@@ -233,6 +274,98 @@ def _e2e(figures: dict[str, Any]) -> list[str]:
         for name, text in BREAKDOWN.items()
     ]
     return [*lines, *_table(("ms", "p50", "p95", "p99", "max"), rows)]
+
+
+def _overload(figures: dict[str, Any]) -> list[str]:
+    options = figures["options"]
+    capacity = figures["capacity"]
+    causes = ", ".join(f"{cause}: {n}" for cause, n in figures["failure_causes"].items())
+    cancels = figures["cancels"]
+    lines = [
+        f"`{options['model']}` at {options['width']}x{options['height']}, {options['steps']} "
+        f"steps ({options['cancel_steps']} for the mid-render cancel samples) on "
+        f"{options['device']}; worker `--max-batch {options['max_batch']} --max-wait-ms "
+        f"{options['max_wait_ms']:g}{_cpu_threads(options)}`.",
+        "",
+        f"- capacity: {_value(capacity['per_s'])} requests/s (a burst of "
+        f"{capacity['requests']}, mean batch {_value(capacity['mean_batch_size'])}); offered: "
+        f"{_value(figures['offered_per_s'])} requests/s ({_value(options['load_factor'])}x) for "
+        f"{_value(options['duration_s'])} s, achieved {_value(figures['achieved_rate_per_s'])}; "
+        f"{figures['requests']} requests",
+        f"- deadlines: interactive {_value(options['interactive_ttl_s'])} s, batch "
+        f"{_value(options['batch_ttl_s'])} s after publish; goodput in the window: "
+        f"{_value(figures['goodput_per_s'])} succeeded/s, "
+        f"{_value(figures['goodput_vs_capacity'])} of capacity; renders started in it: "
+        + (", ".join(f"{k} {n}" for k, n in figures.get("started_in_window", {}).items()) or "-")
+        + f"; device busy {_value(figures.get('device_busy_in_window'))} of it",
+        f"- failures: {figures['failures']}{f' ({causes})' if causes else ''}; warm-up: "
+        f"{figures['warm_up_s']} s",
+        "",
+        *_table(
+            ("requests", "answers"),
+            [
+                (priority, ", ".join(f"{name}: {n}" for name, n in sorted(counts.items())) or "-")
+                for priority, counts in figures["outcomes"].items()
+            ],
+        ),
+        "",
+    ]
+    rows = [
+        ("interactive end to end (succeeded)", figures["interactive_e2e_ms"]),
+        ("batch end to end (succeeded)", figures["batch_e2e_ms"]),
+        ("`overloaded` answer, from publish", figures["overloaded_answer_ms"]),
+        ("**cancel, mid-render**: publish to `canceled`", figures["cancel_latency_ms"]),
+        (
+            "cancel before the render: publish to `canceled`",
+            figures["cancel_before_start_latency_ms"],
+        ),
+    ]
+    lines += [*_table(("ms", "p50", "p95", "p99", "max"), [(n, *_spread(p)) for n, p in rows]), ""]
+    device = ", ".join(f"{k}: {_value(v)}" for k, v in figures["device_s_by_status"].items())
+    lines += _table(
+        ("figure", "value"),
+        [
+            ("interactive deadline (ms)", _value(figures["interactive_ttl_ms"])),
+            ("interactive end to end p99 (ms)", _value(figures["interactive_e2e_p99_ms"])),
+            ("`overloaded` answers", _value(figures["overloaded"])),
+            ("their retry_after_ms, p50", _value(figures["retry_after_ms_p50"])),
+            ("renders started (`started` events)", _value(figures["started_events"])),
+            (
+                "**renders started after their deadline**",
+                _value(figures["renders_started_after_deadline"]),
+            ),
+            (
+                "**device-s on expired or canceled-before-render requests**",
+                _value(figures["device_s_canceled_or_expired"]),
+            ),
+            ("device-s on mid-render cancels", _value(figures["device_s_canceled_mid_render"])),
+            ("device-s by final status", device or "-"),
+            (
+                "cancel samples (mid-render / queued)",
+                f"{cancels['samples']['mid_render']} / {cancels['samples']['queued']}",
+            ),
+            (
+                "canceled mid-render / before the render",
+                f"{cancels['canceled_mid_render']} / {cancels['canceled_before_start']}",
+            ),
+            (
+                "cancels sent that did not end canceled",
+                ", ".join(f"{k}: {n}" for k, n in cancels["sent_but_not_canceled"].items()) or "0",
+            ),
+            (
+                f"step (ms), {options['cancel_steps'] + 1}-step samples "
+                f"({figures.get('step_ms_source') or '-'}) / {options['steps']}-step requests",
+                f"{_value(figures['step_ms'])} / {_value(figures['step_ms_request_shape'])}",
+            ),
+            (
+                "**cancel latency p99** (ms / steps)",
+                f"{_value(figures['cancel_latency_p99_ms'])} / "
+                f"{_value(figures['cancel_latency_p99_steps'])}",
+            ),
+            ("cancel target: 1 step + 200 ms (ms)", _value(figures["cancel_target_ms"])),
+        ],
+    )
+    return lines
 
 
 def _cpu_threads(options: dict[str, Any]) -> str:

@@ -1,4 +1,5 @@
-"""A record of `imagegen.render` on its way through the worker, and where it came from."""
+"""A record of `imagegen.render` or `imagegen.render.batch` on its way through the worker,
+and where it came from."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import cast
 from confluent_kafka import Message
 
 from imagegen.consumers.crashes import Crashes, Record
+from imagegen.consumers.progress import ProgressThrottle
 from imagegen.infra.logs import log_context
 from imagegen.infra.tracing import Span
 from imagegen.schemas import GenerationRequest
@@ -58,8 +60,11 @@ class Job:
     admitted_at_ms: int
     span: Span
     crashes: Crashes = field(default_factory=Crashes)  # left by processes that died on it
-    render_started_ms: int | None = None
+    render_started_ms: int | None = None  # when its first render began
     timings: dict[str, float] = field(default_factory=dict)
+    #: Its shares of the renders it took part in; None until one ran.
+    device_ms: float | None = None
+    progress: ProgressThrottle = field(default_factory=ProgressThrottle)
 
     @property
     def record(self) -> Record:

@@ -1,5 +1,6 @@
-"""The worker's outbox: the producer that sends the worker's records (results, dead letters),
-the thread that serves their delivery reports, and which offsets those reports finish.
+"""The worker's outbox: the producer that sends the worker's records (results, dead letters,
+job events), the thread that serves their delivery reports, and which offsets those reports
+finish.
 
 The rule, enforced in `Sends`: an offset of `imagegen.render` is finished only once every
 record produced for it is settled, which is to say acknowledged by the broker (and its
@@ -14,6 +15,11 @@ One that still fails is undeliverable: it never settles, so its offset is never 
 (nor stored), and `on_undeliverable` stops the worker, so that the record is read again by
 the next one. No record the worker produces is dropped silently, and none can hold its
 partition's commits for ever while the worker looks healthy.
+
+Records for watching only (a job's `started` and `progress` events) belong to no offset:
+`notify` sends them once, and a failure is the caller's to count, never a reason to hold an
+offset or stop the worker. They share the producer, so they keep their order with the
+records of the offsets (a job's `finished` event, sent with its result, comes after them).
 
 The poll loop takes the finished offsets (`finished`) and stores them in partition order
 (`imagegen.consumers.offsets`). Any thread may send; the delivery thread serves the reports
@@ -138,6 +144,25 @@ class Outbox:
         """`with outbox.sending(polled) as sends:` send the records of `polled` in the block;
         it is finished once the block has ended and they have all settled."""
         return Sends(self, polled)
+
+    def notify(
+        self, topic: str, key: bytes, value: bytes, on_failure: Callable[[str], None]
+    ) -> None:
+        """Produce a record that belongs to no offset, once: never sent again, never waited
+        for. `on_failure` runs, with what went wrong, if it cannot be queued (the local
+        queue is full: nothing here may wait for room) or the broker does not acknowledge it.
+        """
+
+        def on_delivery(error: KafkaError | None, _message: Message) -> None:
+            if error is None:
+                RECORDS_PRODUCED.labels(topic).inc()
+            else:
+                on_failure(error.str())
+
+        try:
+            self._producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
+        except (BufferError, KafkaException) as exc:
+            on_failure(str(exc) or type(exc).__name__)
 
     def finished(self) -> list[Polled]:
         """The offsets finished since the last call, in the order they finished."""

@@ -1,5 +1,7 @@
-"""How a record of `imagegen.render` ends: a result for the user and, when it failed, a dead
-letter for operators, sent through the outbox for the record's offset.
+"""How a record of `imagegen.render` or `imagegen.render.batch` ends: a result for the user
+(with the job's `finished` event, `imagegen.consumers.progress`) and, when it failed, a dead
+letter for operators, sent through the outbox for the record's offset. A job canceled by its
+user or past its deadline ends `canceled` or `expired`: not a failure, so no dead letter.
 
 The outbox retries whatever cannot be written, and stops the worker if it still cannot be,
 before the offset is stored (`imagegen.consumers.outbox`): a result or a dead letter is
@@ -10,17 +12,20 @@ acknowledged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from confluent_kafka import Message
 
 from imagegen.consumers.crashes import CrashLedger
 from imagegen.consumers.jobs import Job, Polled, consumed_headers, now_ms
+from imagegen.consumers.lifecycle import Where
 from imagegen.consumers.models import UnknownModel
 from imagegen.consumers.outbox import Outbox, Sends
+from imagegen.consumers.progress import JobEvents
 from imagegen.consumers.rendering import seed_for
 from imagegen.consumers.storage import StoredImage
 from imagegen.infra.dead_letter_spill import fits, spill
-from imagegen.infra.metrics import DLQ_RECORDS
+from imagegen.infra.metrics import DLQ_RECORDS, JOBS_ENDED_EARLY
 from imagegen.infra.object_store import ObjectStore
 from imagegen.schemas import (
     DeadLetter,
@@ -36,24 +41,36 @@ from imagegen.schemas.topics import DLQ, RESULTS, WORKER_GROUP
 
 log = logging.getLogger(__name__)
 
+#: The one reason of each early end.
+_EARLY_REASONS = {Status.CANCELED: Reason.CANCELED, Status.EXPIRED: Reason.DEADLINE_EXCEEDED}
+_WHERE: dict[Where, str] = {"queue": "in the queue", "render": "mid-render"}
+
 
 class Outcomes:
     """Publishes how jobs ended. Thread-safe."""
 
     def __init__(
-        self, outbox: Outbox, crashes: CrashLedger, store: ObjectStore, worker_id: str
+        self,
+        outbox: Outbox,
+        crashes: CrashLedger,
+        store: ObjectStore,
+        worker_id: str,
+        events: JobEvents | None = None,
     ) -> None:
+        """`events` sends each job's `finished` event with its result; without it, results
+        and dead letters go alone."""
         self._outbox = outbox
         self._crashes = crashes
         self._store = store  # also where a letter too large to send keeps its original
         self._bucket = store.bucket
         self._worker_id = worker_id
+        self._events = events
 
     def succeeded(
         self, job: Job, stored: StoredImage, attempts: int, batch_size: int | None
     ) -> None:
         """The job's image is `stored`: tell the user where. `batch_size` is None when an
-        earlier attempt stored it."""
+        earlier attempt stored it (and the job has no `device_ms`: this one rendered none)."""
         request = job.request
         result = GenerationResult(
             request_id=request.request_id,
@@ -71,13 +88,14 @@ class Outcomes:
             steps=request.steps,
             batch_size=batch_size,
             timings=_timings(job),
+            device_ms=job.device_ms,
             attempts=attempts,
             worker_id=self._worker_id,
             completed_at=utc_now(),
         )
         job.span.set_attribute("imagegen.attempts", attempts)
         with self._outbox.sending(job.polled) as sends:
-            sends.send(RESULTS, result.kafka_key, encode(result), job.span.headers)
+            self._send_result(sends, job, result)
         log.info(
             "%s succeeded: %s (%d bytes, %d attempt(s))",
             request.request_id,
@@ -111,13 +129,46 @@ class Outcomes:
             completed_at=utc_now(),
         )
         with self._outbox.sending(job.polled) as sends:
-            sends.send(RESULTS, result.kafka_key, encode(result), job.span.headers)
+            self._send_result(sends, job, result)
             self._dead_letter(sends, job.message, error, stage, job, attempts)
+
+    def ended_early(self, job: Job, status: Status, where: Where, detail: str) -> None:
+        """A `canceled` or `expired` result: the job ended in the queue or mid-render, as
+        its user wished or its deadline required."""
+        log.info("%s %s %s: %s", job.request.request_id, status.value, _WHERE[where], detail)
+        result = GenerationResult(
+            request_id=job.request.request_id,
+            user_id=job.request.user_id,
+            status=status,
+            reason=_EARLY_REASONS[status],
+            detail=detail,
+            model=job.request.model,
+            timings=_timings(job),
+            device_ms=job.device_ms,
+            attempts=int(where == "render"),
+            worker_id=self._worker_id,
+            completed_at=utc_now(),
+        )
+        with self._outbox.sending(job.polled) as sends:
+            # Marks that dead processes left serve no purpose once the record is answered.
+            self._send_result(sends, job, result, lambda: self._crashes.forget(job.record))
+        JOBS_ENDED_EARLY.labels(status.value, where).inc()
 
     def unreadable(self, message: Message, polled: Polled, error: BaseException) -> None:
         """A record that holds no request: a dead letter, and no result (it names no user)."""
         with self._outbox.sending(polled) as sends:
             self._dead_letter(sends, message, error, Stage.VALIDATE)
+
+    def _send_result(
+        self,
+        sends: Sends,
+        job: Job,
+        result: GenerationResult,
+        on_acknowledged: Callable[[], None] | None = None,
+    ) -> None:
+        sends.send(RESULTS, result.kafka_key, encode(result), job.span.headers, on_acknowledged)
+        if self._events is not None:
+            self._events.finished(sends, job, result.status)
 
     def _dead_letter(
         self,

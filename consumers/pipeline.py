@@ -6,11 +6,26 @@ Threads, and what each one does:
   also reads what worker processes that died rendering the request left
   (`imagegen.consumers.crashes`): such a request renders alone, and fails without rendering
   once too many died rendering it alone.
-- the render thread batches compatible requests and runs the pipeline, holding a crash mark
-  per request meanwhile, and nothing else, so the device waits only for batching. A batch
-  that runs out of memory is split in halves, down to single requests, before any fails;
-  one that fails otherwise is rendered again one request at a time.
+- the render thread batches compatible requests, interactive ones first, and runs the
+  pipeline, holding a crash mark per request meanwhile, and nothing else, so the device
+  waits only for batching. A batch that runs out of memory is split in halves, down to
+  single requests, before any fails; one that fails otherwise is rendered again one request
+  at a time.
 - a finish pool encodes, stores and publishes every rendered image.
+
+No device time goes to a request whose user has left (`imagegen.consumers.lifecycle`). At
+the front of the queue, a canceled job ends `canceled` and one past its deadline `expired`,
+neither rendered. While a batch renders, its members' cancellations are looked up after
+every denoising step; a canceled member stops the whole call at that step (diffusers cannot
+drop one member from a running batch), is answered `canceled` with the steps it had done,
+and the rest render again at once, as one batch without it, with no wait in the queue and
+no deadline check (their render had started). That spends the stopped render's steps again
+on the rest: at most one batch's render per cancellation, where rendering the canceled
+member to the end would spend its share of every remaining step. A canceled job is never
+retried nor dead-lettered: it did not fail.
+
+Each job's `device_ms` is its share (render time / batch size) of every render it took part
+in, the stopped ones included, also counted in `imagegen_device_seconds_total{model}`.
 
 While the object store is unreachable, every lookup and write retries, sharing one outage
 clock, until the outage has lasted `IMAGEGEN_OUTAGE_BUDGET_S` (`imagegen.consumers.retry`);
@@ -39,14 +54,23 @@ from imagegen.consumers.batching import Batcher
 from imagegen.consumers.claims import Claims
 from imagegen.consumers.crashes import CrashLedger, RenderKilledWorkers
 from imagegen.consumers.jobs import Job, now_ms
+from imagegen.consumers.lifecycle import CanceledMidRender, Lifecycle, Where
 from imagegen.consumers.models import UnknownModel
 from imagegen.consumers.outcomes import Outcomes
-from imagegen.consumers.rendering import Renderer, RenderOutOfMemory, batch_key, encode_image
+from imagegen.consumers.priority import rank
+from imagegen.consumers.rendering import (
+    Renderer,
+    RenderOutOfMemory,
+    RenderStopped,
+    batch_key,
+    encode_image,
+)
 from imagegen.consumers.retry import GaveUp, Interrupted, Outage, RetryPolicy, retrying
 from imagegen.consumers.storage import StoredImage, find, object_key, store_once
 from imagegen.consumers.threads import vital_thread
 from imagegen.infra.logs import log_context
 from imagegen.infra.metrics import (
+    DEVICE_SECONDS,
     ENCODE_SECONDS,
     RENDER_BATCH_SIZE,
     RENDER_SECONDS,
@@ -54,7 +78,7 @@ from imagegen.infra.metrics import (
     observe_gpu_memory,
 )
 from imagegen.infra.object_store import ObjectStore
-from imagegen.schemas import Stage
+from imagegen.schemas import Stage, Status
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +98,12 @@ class RenderPipeline:
         finish_threads: int,
         stopping: threading.Event,
         is_current: Callable[[Job], bool],
+        lifecycle: Lifecycle | None = None,
     ) -> None:
         """`renderers` maps the model names that requests use to what renders them.
         `stopping` is set when the worker stops: retries give up, and jobs are released
-        unfinished. `is_current` tells whether a job's partition is still assigned."""
+        unfinished. `is_current` tells whether a job's partition is still assigned.
+        `lifecycle` tells which jobs to end early, and whom to tell of their progress."""
         self._renderers = dict(renderers)
         self._store = store
         self._crashes = crashes
@@ -86,8 +112,9 @@ class RenderPipeline:
         self._store_outage = Outage()
         self._stopping = stopping
         self._is_current = is_current
+        self._lifecycle = lifecycle or Lifecycle()
         self._claims: Claims[Job] = Claims(lambda job: object_key(job.request))
-        self._batcher: Batcher[Job] = Batcher(_batch_key, max_batch, max_wait_s)
+        self._batcher: Batcher[Job] = Batcher(_batch_key, max_batch, max_wait_s, _rank)
         self._checks = ThreadPoolExecutor(check_threads, "check")
         self._finishers = ThreadPoolExecutor(finish_threads, "finish")
         self._stop_rendering = threading.Event()
@@ -106,6 +133,10 @@ class RenderPipeline:
 
     def stop_rendering(self) -> None:
         self._stop_rendering.set()
+
+    def queued(self, rank: int) -> int:
+        """Jobs of `rank` waiting for the render thread; any thread may ask."""
+        return self._batcher.waiting(rank)
 
     def drain(self) -> list[Job]:
         """Finish what is rendering and being stored; return the queued jobs, released.
@@ -174,14 +205,21 @@ class RenderPipeline:
 
     def _render_loop(self) -> None:
         while not self._stop_rendering.is_set():
-            batch = []
-            for job in self._batcher.next_batch(0.1):
-                if self._is_current(job):
-                    batch.append(job)
-                else:
-                    self._release(job)  # polled before a rebalance: its partition's owner redoes it
+            batch = [job for job in self._batcher.next_batch(0.1) if self._renders(job)]
             if batch:
                 self._render(batch)
+
+    def _renders(self, job: Job) -> bool:
+        """Whether a job at the front of the queue renders; one that does not is ended."""
+        if not self._is_current(job):
+            self._release(job)  # polled before a rebalance: its partition's owner redoes it
+            return False
+        ending = self._lifecycle.ends_in_queue(job)
+        if ending is None:
+            return True
+        status, detail = ending
+        self._guarded(job, Stage.RENDER, self._end_early, job, status, "queue", detail)
+        return False
 
     def _render(self, batch: list[Job]) -> None:
         context: AbstractContextManager[None]
@@ -207,11 +245,13 @@ class RenderPipeline:
             first.height,
             first.steps,
         )
+        self._lifecycle.started(batch, now_ms())
         started = time.perf_counter()
-        started_ms = now_ms()
         try:
             with self._crashes.rendering([(job.record, job.crashes) for job in batch]):
                 images, attempts = self._render_once(renderer, batch)
+        except CanceledMidRender as stopped:
+            return self._stopped(batch, stopped, time.perf_counter() - started)
         except Interrupted:
             for job in batch:  # uncommitted: the partition's next owner renders them
                 self._release(job)
@@ -231,10 +271,10 @@ class RenderPipeline:
         render_s = time.perf_counter() - started
         RENDER_SECONDS.observe(render_s)
         RENDER_BATCH_SIZE.observe(len(batch))
+        _meter(batch, render_s)
         render_ms = render_s * 1000
         for job, image in zip(batch, images, strict=True):
             job.span.set_attribute("imagegen.batch_size", len(batch))
-            job.render_started_ms = started_ms
             job.timings["render_ms"] = render_ms
             self._finishers.submit(
                 self._guarded, job, Stage.STORE, self._finish, job, image, len(batch), attempts
@@ -244,17 +284,40 @@ class RenderPipeline:
     def _render_once(self, renderer: Renderer, batch: list[Job]) -> tuple[list[Image.Image], int]:
         """The images of `batch` and the attempts they took. A batch of several is tried
         once (it fails into smaller ones); a single request retries in place: out of
-        memory, its next attempt finds the memory the failed one held handed back."""
+        memory, its next attempt finds the memory the failed one held handed back. A
+        stopped render raises its `RenderStopped`, never retried."""
         requests = [job.request for job in batch]
+        on_step = self._lifecycle.watch(batch)
         if len(batch) > 1:
-            return renderer.render(requests), 1
-        return retrying(
-            self._policy,
-            "render",
-            lambda: renderer.render(requests),
-            self._stopping,
-            stage=Stage.RENDER.value,
-        )
+            return renderer.render(requests, on_step), 1
+        try:
+            return retrying(
+                self._policy,
+                "render",
+                lambda: renderer.render(requests, on_step),
+                self._stopping,
+                stage=Stage.RENDER.value,
+            )
+        except GaveUp as gave_up:
+            if isinstance(gave_up.error, RenderStopped):
+                raise gave_up.error from None
+            raise
+
+    def _stopped(
+        self, batch: list[Job], stopped: CanceledMidRender, render_s: float
+    ) -> list[list[Job]]:
+        """End the canceled members of a stopped render; return the rest, to render again."""
+        _meter(batch, render_s)
+        detail = f"canceled by its user after {stopped.step} of {stopped.steps} steps"
+        for job in stopped.jobs:
+            self._guarded(
+                job, Stage.RENDER, self._end_early, job, Status.CANCELED, "render", detail
+            )
+        canceled = {id(job) for job in stopped.jobs}
+        rest = [job for job in batch if id(job) not in canceled]
+        if rest:
+            log.info("rendering the other %d request(s) of the batch again", len(rest))
+        return [rest] if rest else []
 
     # ---- finishing (finish pool) ---------------------------------------------------------
 
@@ -311,6 +374,10 @@ class RenderPipeline:
         self._outcomes.failed(job, error, stage, attempts)
         self._release(job)
 
+    def _end_early(self, job: Job, status: Status, where: Where, detail: str) -> None:
+        self._outcomes.ended_early(job, status, where, detail)
+        self._release(job)
+
     def _release(self, job: Job) -> None:
         """The job is done with its key: jobs waiting for it are checked again (and find the
         stored image, unless this job failed)."""
@@ -322,8 +389,21 @@ class RenderPipeline:
 
 def _batch_key(job: Job) -> Hashable | None:
     # A request that a worker died rendering renders alone (None): it may kill the next one
-    # too, and must take no company with it.
-    return None if job.crashes.suspect else batch_key(job.request)
+    # too, and must take no company with it. Interactive and batch work never share a
+    # forward pass, so batch work never slows an interactive render.
+    return None if job.crashes.suspect else (_rank(job), batch_key(job.request))
+
+
+def _rank(job: Job) -> int:
+    return rank(job.polled.topic)
+
+
+def _meter(batch: list[Job], render_s: float) -> None:
+    """Give each job of a render its share of the render's device time."""
+    share_s = render_s / len(batch)
+    for job in batch:
+        job.device_ms = (job.device_ms or 0.0) + share_s * 1000
+        DEVICE_SECONDS.labels(job.request.model).inc(share_s)
 
 
 def _stage_of(error: BaseException, default: Stage) -> Stage:

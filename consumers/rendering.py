@@ -1,11 +1,13 @@
-"""Turning admitted requests into images: which requests batch together, seeds, encoding."""
+"""Turning admitted requests into images: which requests batch together, seeds, encoding,
+and the hook that watches a render step by step (and may stop it)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -34,6 +36,21 @@ class RenderOutOfMemory(ImagegenError):
 
 class RenderFailed(ImagegenError):
     """The pipeline raised while rendering; the same request fails the same way again."""
+
+
+class RenderStopped(Exception):
+    """Raised by an `OnStep` hook to stop a render after `step` of `steps` denoising steps.
+
+    `Renderer.render` lets it through as it is: it is a decision, not a failure."""
+
+    def __init__(self, step: int, steps: int) -> None:
+        super().__init__(f"stopped after {step} of {steps} steps")
+        self.step = step
+        self.steps = steps
+
+
+#: Called after each denoising step with (steps done, steps in all); may raise `RenderStopped`.
+OnStep = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -76,12 +93,16 @@ class Renderer:
     def device(self) -> torch.device:
         return self._device
 
-    def render(self, requests: Sequence[GenerationRequest]) -> list[Image.Image]:
+    def render(
+        self, requests: Sequence[GenerationRequest], on_step: OnStep | None = None
+    ) -> list[Image.Image]:
         """One image per request, in order, from a single pipeline call.
 
         The requests must share a `BatchKey`. Each has a generator of its own, so its image is
-        the same whether it renders alone or beside others. Raises `RenderOutOfMemory`
-        (transient) or `RenderFailed`.
+        the same whether it renders alone or beside others. `on_step` runs after every
+        denoising step (diffusers' `callback_on_step_end`); the `RenderStopped` it raises
+        ends the call there and is raised as it is. Raises `RenderOutOfMemory` (transient)
+        or `RenderFailed`.
         """
         if not requests:
             raise ValueError("render needs at least one request")
@@ -108,7 +129,10 @@ class Renderer:
                     height=key.height,
                     generator=generators,
                     output_type="pil",
+                    **_step_hook(on_step, key.steps),
                 )
+        except RenderStopped:
+            raise
         except torch.OutOfMemoryError as exc:  # torch.cuda.OutOfMemoryError is this class
             if self._device.type == "cuda":
                 # Hand the failed batch's cached blocks back, so that the next try (a
@@ -124,6 +148,22 @@ class Renderer:
                 f"{key.width}x{key.height}: {type(exc).__name__}: {exc}"
             ) from exc
         return list(output.images)
+
+
+def _step_hook(on_step: OnStep | None, steps: int) -> dict[str, Any]:
+    """The pipeline arguments that call `on_step` after each step, in the request's steps."""
+    if on_step is None:
+        return {}
+
+    def callback(
+        pipeline: Any, index: int, _timestep: Any, tensors: dict[str, Any]
+    ) -> dict[str, Any]:
+        # A second-order scheduler runs about two timesteps per step: count in steps.
+        total = getattr(pipeline, "num_timesteps", None) or steps
+        on_step(min(steps, -(-(index + 1) * steps // total)), steps)
+        return tensors
+
+    return {"callback_on_step_end": callback}
 
 
 def encode_image(image: Image.Image, output_format: str) -> tuple[bytes, str]:

@@ -7,16 +7,9 @@ and partition them with Kafka's murmur2 (`infra.partitioning`), so all of a requ
 results lie in one partition, in the order they were written: the one read last is the
 latest.
 
-A subscriber reads with `assign()`, never in a consumer group: each reader wants all
-results, and nothing is committed. It reads every partition, or, given `request_ids`, only
-the partitions where those requests' results land.
-
-Where it starts:
-- `start="end"`: what the broker reports as each partition's end when the subscriber is
-  created. Create the subscriber before publishing, and no answer can slip past it. (Some
-  brokers report an end slightly before the true one; that only means a few old results
-  are read again.)
-- `start="beginning"`: everything retained.
+A subscriber reads every partition, or, given `request_ids`, only the partitions where
+those requests' results land; where it starts (`start`) is as `consumers.topic_reader`
+says: create it before publishing, and no answer can slip past it.
 """
 
 from __future__ import annotations
@@ -24,18 +17,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Literal, Self
+from typing import Self
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-from imagegen.infra.kafka import consume_available, make_consumer
-from imagegen.infra.partitioning import partition_for
+from imagegen.consumers.topic_reader import Start, TopicReader, readable
 from imagegen.infra.settings import Settings
-from imagegen.schemas import GenerationResult, decode
-from imagegen.schemas.errors import ImagegenError, InvalidMessage
+from imagegen.schemas import GenerationResult
+from imagegen.schemas.errors import ImagegenError
 from imagegen.schemas.topics import RESULTS
-
-Start = Literal["beginning", "end"]
 
 
 class ResultTimeout(ImagegenError):
@@ -63,23 +51,9 @@ class ResultSubscriber:
         start: Start = "end",
         request_ids: Iterable[str] | None = None,
     ) -> None:
-        self._consumer: Consumer = make_consumer(
-            settings, group_id="imagegen-results-reader", **{"enable.auto.commit": False}
-        )
-        metadata = self._consumer.list_topics(RESULTS, timeout=10)
-        partitions = sorted(metadata.topics[RESULTS].partitions)
-        if request_ids is not None:
-            # GenerationResult.kafka_key: the request id's bytes.
-            partitions = sorted({partition_for(i.encode(), len(partitions)) for i in request_ids})
-        self._ends = {p: self._end_of(p) for p in partitions}
-        self._starts = {p: 0 if start == "beginning" else end for p, end in self._ends.items()}
-        self._read_up_to: dict[int, int] = {}  # by partition, once a fetch has answered
-        self._consumer.assign(
-            [
-                TopicPartition(RESULTS, p, OFFSET_BEGINNING if start == "beginning" else end)
-                for p, end in self._ends.items()
-            ]
-        )
+        # GenerationResult.kafka_key: the request id's bytes.
+        keys = None if request_ids is None else [i.encode() for i in request_ids]
+        self._reader = TopicReader(settings, "imagegen-results-reader", [RESULTS], start, keys)
 
     def __enter__(self) -> Self:
         return self
@@ -88,7 +62,7 @@ class ResultSubscriber:
         self.close()
 
     def close(self) -> None:
-        self._consumer.close()
+        self._reader.close()
 
     def follow(self, poll_s: float = 0.5) -> Iterator[GenerationResult]:
         """Every result from the start on, forever; unreadable records are skipped."""
@@ -97,7 +71,7 @@ class ResultSubscriber:
 
     def until_caught_up(self) -> Iterator[GenerationResult]:
         """The results up to the ends reported when the subscriber was created, then stop."""
-        while not self._is_caught_up():
+        while not self._reader.caught_up():
             yield from self._poll(1.0)
 
     def wait_for(
@@ -106,27 +80,8 @@ class ResultSubscriber:
         timeout_s: float,
         on_result: Callable[[GenerationResult], None] | None = None,
     ) -> dict[str, GenerationResult]:
-        """Each request's latest result, once every one has a result and the subscriber has
-        read up to where it started (so a retained result cannot hide a newer one).
-        `on_result` sees each request's first result as it arrives. `ResultTimeout` names
-        the requests still missing."""
-        wanted = set(request_ids)
-        found: dict[str, GenerationResult] = {}
-        deadline = time.monotonic() + timeout_s
-        while wanted - found.keys() or not self._is_caught_up():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                if wanted - found.keys():
-                    raise ResultTimeout(sorted(wanted - found.keys()), timeout_s, found)
-                return found  # every request answered; the broker was slow to say where it ends
-            for result in self._poll(min(remaining, 0.5)):
-                if result.request_id not in wanted:
-                    continue
-                first = result.request_id not in found
-                found[result.request_id] = result
-                if first and on_result is not None:
-                    on_result(result)
-        return found
+        """`await_results` on this subscriber's results."""
+        return await_results(self._poll, self._reader.caught_up, request_ids, timeout_s, on_result)
 
     async def wait_for_async(
         self, request_ids: Iterable[str], timeout_s: float
@@ -135,36 +90,40 @@ class ResultSubscriber:
         return await asyncio.to_thread(self.wait_for, list(request_ids), timeout_s)
 
     def _poll(self, timeout_s: float) -> Iterator[GenerationResult]:
-        for message in consume_available(self._consumer, 500, timeout_s):
-            if message.error() is None:
-                result = _decoded(message.value())
-                if result is not None:
-                    yield result
+        for message in self._reader.poll(timeout_s):
+            result = readable(GenerationResult, message.value())
+            if result is not None:
+                yield result
 
-    def _end_of(self, partition: int) -> int:
-        _low, high = self._consumer.get_watermark_offsets(
-            TopicPartition(RESULTS, partition), timeout=10
-        )
-        return high
 
-    def _is_caught_up(self) -> bool:
-        return all(self._partition_caught_up(p) for p in self._ends)
-
-    def _partition_caught_up(self, partition: int) -> bool:
-        """Some brokers (Tansu) answer "where does it end" with an offset inside the last
-        batch; the end that a fetch response carries is the true one. So a partition is
-        caught up once the position has passed both the reported end and the end of the
-        first fetch that answered. (That first fetch, not the latest: under steady traffic
-        the latest end keeps moving, and a reader must still stop.)"""
-        tp = TopicPartition(RESULTS, partition)
-        if partition not in self._read_up_to:
-            _low, fetched_end = self._consumer.get_watermark_offsets(tp, cached=True)
-            if fetched_end < 0:
-                return False  # no fetch has answered yet
-            self._read_up_to[partition] = max(self._ends[partition], fetched_end)
-        (position,) = self._consumer.position([tp])
-        at = position.offset if position.offset >= 0 else self._starts[partition]
-        return at >= self._read_up_to[partition]
+def await_results(
+    poll: Callable[[float], Iterable[GenerationResult]],
+    caught_up: Callable[[], bool],
+    request_ids: Iterable[str],
+    timeout_s: float,
+    on_result: Callable[[GenerationResult], None] | None = None,
+) -> dict[str, GenerationResult]:
+    """Each request's latest result, once every one has a result and the reader has read up
+    to where it started (so a retained result cannot hide a newer one). `poll(timeout_s)`
+    gives the results read next; `on_result` sees each request's first result as it
+    arrives. `ResultTimeout` names the requests still missing."""
+    wanted = set(request_ids)
+    found: dict[str, GenerationResult] = {}
+    deadline = time.monotonic() + timeout_s
+    while wanted - found.keys() or not caught_up():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            if wanted - found.keys():
+                raise ResultTimeout(sorted(wanted - found.keys()), timeout_s, found)
+            return found  # every request answered; the broker was slow to say where it ends
+        for result in poll(min(remaining, 0.5)):
+            if result.request_id not in wanted:
+                continue
+            first = result.request_id not in found
+            found[result.request_id] = result
+            if first and on_result is not None:
+                on_result(result)
+    return found
 
 
 def latest_results(results: Iterable[GenerationResult]) -> dict[str, GenerationResult]:
@@ -186,10 +145,3 @@ def latest_result(settings: Settings, request_id: str) -> GenerationResult | Non
             if result.request_id == request_id:
                 latest = result  # read in offset order: a later one is newer
     return latest
-
-
-def _decoded(value: bytes | None) -> GenerationResult | None:
-    try:
-        return decode(GenerationResult, value)
-    except InvalidMessage:
-        return None  # another writer's mistake must not stop every reader

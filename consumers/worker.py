@@ -1,18 +1,26 @@
-"""The render worker: admitted requests from `imagegen.render` become images in the object
-store and results on `imagegen.results`; failures become dead letters.
+"""The render worker: admitted requests from `imagegen.render` (interactive) and
+`imagegen.render.batch` (batch) become images in the object store and results on
+`imagegen.results`; failures become dead letters; watchers see each job on `imagegen.events`.
 
 This module is the poll loop and what happens around it: rebalances, back-pressure, shutdown.
 The rest of the worker lives beside it:
 - `imagegen.consumers.pipeline`: the check pool, the render thread and the finish pool that
   turn each request into an image;
+- `imagegen.consumers.priority`: which partitions are fetched: back-pressure, and batch work
+  only while no interactive work waits;
+- `imagegen.consumers.lifecycle`: cancellations (from the `CancelBook`) and deadlines, which
+  end a job before or during its render; `imagegen.consumers.progress`: its events;
 - `imagegen.consumers.outcomes`: the results and dead letters that say how a request ended;
 - `imagegen.consumers.outbox`: the producer, its delivery thread, and which offsets are done;
 - `imagegen.consumers.clients`: the broker and object-store clients, built for the worker.
 
 Threads, and what each one owns:
-- the poll loop (`run`, the caller's thread) owns the consumer. It polls, pauses the
-  partitions while too much work is in flight, and stores the offsets of finished work.
-  Nothing else touches the consumer.
+- the poll loop (`run`, the caller's thread) owns the consumer. It polls, pauses and resumes
+  partitions (`FetchGate`: every partition while too much work is in flight, the batch ones
+  while interactive work waits), and stores the offsets of finished work. Nothing else
+  touches the consumer.
+- the cancellation book's reading thread, which it starts before subscribing, so that every
+  cancellation published before the worker started is honoured.
 - the pipeline's pools and render thread, and the outbox's delivery thread. If the render
   or the delivery thread dies, or a pool's job cannot end, the worker stops
   (`_thread_crashed`).
@@ -34,10 +42,11 @@ rides out: while the object store is unreachable, the jobs that retry it fill th
 limit, which pauses the partitions, and the loop polls on, so the worker stays in its group.
 
 Commit order, enforced in `_store_finished`: an offset is stored only once the outbox has
-finished it, which it does once everything produced for the record (its result and, for a
-failure, its dead letter) has settled (`imagegen.consumers.outbox`), and once every earlier
-offset of the partition is finished too (`OffsetTracker`). librdkafka's background commit commits
-stored offsets only, so a crash replays unfinished work and skips nothing.
+finished it, which it does once everything produced for the record (its result and
+`finished` event and, for a failure, its dead letter) has settled
+(`imagegen.consumers.outbox`), and once every earlier offset of the partition is finished
+too (an `OffsetTracker` per topic). librdkafka's background commit commits stored offsets
+only, so a crash replays unfinished work and skips nothing.
 """
 
 from __future__ import annotations
@@ -58,12 +67,16 @@ from imagegen.consumers.broker_errors import stops_the_worker, what_to_fix
 from imagegen.consumers.clients import WorkerClients, make_worker_clients
 from imagegen.consumers.crashes import CrashLedger
 from imagegen.consumers.jobs import Job, Polled, admitted_at_ms, consumed_headers
+from imagegen.consumers.lifecycle import Lifecycle
 from imagegen.consumers.offsets import OffsetTracker
 from imagegen.consumers.outbox import Outbox
 from imagegen.consumers.outcomes import Outcomes
 from imagegen.consumers.pipeline import RenderPipeline
+from imagegen.consumers.priority import INTERACTIVE, TOPICS, FetchGate
+from imagegen.consumers.progress import JobEvents
 from imagegen.consumers.rendering import Renderer
 from imagegen.consumers.retry import RetryPolicy
+from imagegen.infra.cancel_book import CancelBook
 from imagegen.infra.kafka import consume_available
 from imagegen.infra.metrics import IN_FLIGHT, RECORDS_CONSUMED
 from imagegen.infra.settings import Settings
@@ -71,7 +84,7 @@ from imagegen.infra.topics import ensure_topics
 from imagegen.infra.tracing import start_span
 from imagegen.schemas import GenerationRequest, decode
 from imagegen.schemas.errors import WorkerCrashed
-from imagegen.schemas.topics import RENDER
+from imagegen.schemas.topics import RENDER_BATCH
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +95,8 @@ class WorkerOptions:
     max_wait_ms: float = 10.0
     #: Requests in flight (queued, rendering, finishing) before partitions pause.
     max_in_flight: int = 32
+    #: Batch requests in flight before the batch partitions pause; default 2 x max_batch.
+    max_batch_in_flight: int | None = None
     check_threads: int = 4
     finish_threads: int = 4
 
@@ -104,15 +119,16 @@ class RenderWorker:
         ensure_topics(clients.admin, settings)
         self._consumer: Consumer = clients.consumer
         self._serving = ", ".join(renderers)
-        self._tracker = OffsetTracker()
+        self._trackers = {topic: OffsetTracker() for topic in TOPICS}
         policy = RetryPolicy(
             settings.max_attempts, settings.retry_base_delay_s, settings.outage_budget_s
         )
         self._outbox = Outbox(clients.producer, policy, self._stop_broken)
         crashes = CrashLedger(Path(settings.state_dir) / "worker" / "crashes")
-        self._outcomes = Outcomes(self._outbox, crashes, clients.store, self.worker_id)
+        events = JobEvents(self._outbox, self.worker_id)
+        self._outcomes = Outcomes(self._outbox, crashes, clients.store, self.worker_id, events)
+        self._book = CancelBook(settings)
         self._generation = 0  # the assignment; older jobs' completions are ignored
-        self._paused = False
         self._crashed: str | None = None  # why the worker stopped early, if it did
         self._stopping = threading.Event()
         self._pipeline = RenderPipeline(
@@ -127,6 +143,13 @@ class RenderWorker:
             finish_threads=self.options.finish_threads,
             stopping=self._stopping,
             is_current=lambda job: job.polled.generation == self._generation,
+            lifecycle=Lifecycle(self._book.honoured, settings.default_ttl_s, events),
+        )
+        self._gate = FetchGate(
+            self._consumer,
+            self.options.max_in_flight,
+            self.options.max_batch_in_flight or 2 * self.options.max_batch,
+            interactive_queued=lambda: self._pipeline.queued(INTERACTIVE),
         )
 
     # ---- the poll loop ------------------------------------------------------------------
@@ -135,17 +158,22 @@ class RenderWorker:
         """Consume until SIGTERM or SIGINT, then drain and commit (`stop` does the same)."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self._stopping.set())
+        self._book.start()
         self._pipeline.start(on_crash=self._thread_crashed)
         self._outbox.start(on_crash=self._thread_crashed)
         self._consumer.subscribe(
-            [RENDER], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+            list(TOPICS),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
         )
         log.info("worker %s serving %s", self.worker_id, self._serving)
         while not self._stopping.is_set():
-            for message in consume_available(self._consumer, self.options.max_in_flight, 0.1):
+            limit = self._gate.poll_limit(self._in_flight(), self._batch_in_flight())
+            for message in consume_available(self._consumer, limit, 0.1):
                 self._accept(message)
             self._store_finished()
-            self._apply_backpressure()
+            self._update_fetching()
         self._shutdown()
         if self._crashed is not None:
             raise WorkerCrashed(
@@ -182,9 +210,9 @@ class RenderWorker:
             else:
                 log.warning("consumer error: %s", consumer_error)
             return
-        RECORDS_CONSUMED.labels(RENDER).inc()
         polled = Polled.of(message, self._generation)
-        self._tracker.started(polled.partition, polled.offset)
+        RECORDS_CONSUMED.labels(polled.topic).inc()
+        self._trackers[polled.topic].started(polled.partition, polled.offset)
         try:
             request = decode(GenerationRequest, message.value())
         except Exception as error:
@@ -197,7 +225,7 @@ class RenderWorker:
             kind="consumer",
             attributes={
                 "messaging.system": "kafka",
-                "messaging.destination.name": RENDER,
+                "messaging.destination.name": polled.topic,
                 "imagegen.request_id": request.request_id,
                 "imagegen.user_id": request.user_id,
                 "imagegen.model": request.model,
@@ -220,31 +248,29 @@ class RenderWorker:
         for polled in self._outbox.finished():
             if polled.generation != self._generation:
                 continue  # from before a rebalance: the partition's owner redoes it
-            committable = self._tracker.finished(polled.partition, polled.offset)
+            tracker = self._trackers[polled.topic]
+            committable = tracker.finished(polled.partition, polled.offset)
             if committable is not None:
-                offsets.append(TopicPartition(RENDER, polled.partition, committable))
+                offsets.append(TopicPartition(polled.topic, polled.partition, committable))
         if offsets:
             self._consumer.store_offsets(offsets=offsets)
 
-    def _apply_backpressure(self) -> None:
-        in_flight = self._tracker.in_flight()
+    def _in_flight(self) -> int:
+        return sum(tracker.in_flight() for tracker in self._trackers.values())
+
+    def _batch_in_flight(self) -> int:
+        return self._trackers[RENDER_BATCH].in_flight()
+
+    def _update_fetching(self) -> None:
+        in_flight = self._in_flight()
         IN_FLIGHT.set(in_flight)
-        if not self._paused and in_flight >= self.options.max_in_flight:
-            # Fetching stops, polling does not: the consumer stays in its group however
-            # long the work in flight takes (an outage of the object store, say).
-            log.debug("pausing: %d request(s) in flight", in_flight)
-            self._consumer.pause(self._consumer.assignment())
-            self._paused = True
-        elif self._paused and in_flight <= self.options.max_in_flight // 2:
-            log.debug("resuming: %d request(s) in flight", in_flight)
-            self._consumer.resume(self._consumer.assignment())
-            self._paused = False
+        self._gate.update(in_flight, self._batch_in_flight())
 
     # ---- rebalances -----------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.info("assigned %s", sorted(p.partition for p in partitions))
-        self._paused = False
+        log.info("assigned %s", _names(partitions))
+        self._gate.assigned()
         if self._stopping.is_set():
             # Assigned while draining: nothing more is fetched, the next owner reads them.
             consumer.assign(partitions)
@@ -255,14 +281,18 @@ class RenderWorker:
         their next owner (it finds any image already stored and does not render again)."""
         self._store_finished()
         _commit(consumer)
-        self._tracker.forget([p.partition for p in partitions])
+        self._forget(partitions)
         self._generation += 1
-        log.info("revoked %s", sorted(p.partition for p in partitions))
+        log.info("revoked %s", _names(partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._tracker.forget([p.partition for p in partitions])
+        self._forget(partitions)
         self._generation += 1
-        log.warning("lost %s to another worker", sorted(p.partition for p in partitions))
+        log.warning("lost %s to another worker", _names(partitions))
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._trackers[tp.topic].forget([tp.partition])
 
     # ---- shutdown -------------------------------------------------------------------------
 
@@ -288,6 +318,7 @@ class RenderWorker:
             self._store_finished()
             _commit(self._consumer)
             self._consumer.close()
+            self._book.close()
         log.info("stopped; %d queued request(s) released to the next owner", len(released))
 
     def _drain(self) -> list[Job]:
@@ -296,6 +327,10 @@ class RenderWorker:
         released = self._pipeline.drain()
         self._outbox.close()
         return released
+
+
+def _names(partitions: list[TopicPartition]) -> list[str]:
+    return sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions)
 
 
 def _commit(consumer: Consumer) -> None:

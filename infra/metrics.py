@@ -94,6 +94,11 @@ EVENTS_UNSENT = Counter(
     "imagegen_events_unsent_total",
     "Job events the broker never acknowledged (events are for watching; results still go).",
 )
+FLEET_START_RATE = Gauge(
+    "imagegen_fleet_start_rate",
+    "Renders the worker fleet started per second lately, as the intake processor measures "
+    "it for load shedding; 0 while none was seen (nothing is shed then).",
+)
 CONSUMER_LAG = Gauge(
     "imagegen_consumer_lag",
     "Records between a group's committed offset and the end of the partition.",

@@ -1,6 +1,14 @@
 """The intake processor: a faust app that reads `imagegen.requests` and, for each record,
-admits it to `imagegen.render`, answers it on `imagegen.results`, drops it as a publish retry,
-or dead-letters it to `imagegen.dlq`.
+admits it to a render queue (`imagegen.render` for `interactive` requests,
+`imagegen.render.batch` for `batch` ones), answers it on `imagegen.results` (rejected,
+duplicate, canceled, expired), drops it as a publish retry, or dead-letters it to
+`imagegen.dlq`. Each admission and each answer is also told on `imagegen.events`
+(`admitted`, `finished`), best-effort (`imagegen.processors.job_events`).
+
+Before it consumes, the processor reads every cancellation (`CancelBook`), so a request
+canceled before it was admitted is answered `canceled`; and it starts watching the fleet's
+load (`FleetWatch` feeding `FleetLoad`), so a request that cannot start before its deadline
+is answered `rejected`/`overloaded` at once instead of queueing to expire.
 
 Guarantees, and where they are enforced:
 - Nothing is skipped. No exception ever leaves the agent's loop (faust would ack the record
@@ -12,6 +20,8 @@ Guarantees, and where they are enforced:
   faust commits only acked offsets.
 - State survives crashes. Dedupe memory and token buckets are faust tables backed by
   changelog topics, rebuilt on start-up by reading each changelog to its end.
+- Events never decide a request's fate. They are not among a batch's sends: a failed event
+  is counted in `imagegen_events_unsent_total` and logged, and the request goes on.
 """
 
 from __future__ import annotations
@@ -31,12 +41,14 @@ import faust
 from faust.streams import Stream
 from faust.types import EventT, StreamT
 
+from imagegen.infra.cancel_book import CancelBook
 from imagegen.infra.dead_letter_spill import fits, spill
 from imagegen.infra.kafka import check_broker, make_admin
 from imagegen.infra.logs import logging_config
 from imagegen.infra.metrics import (
     DLQ_RECORDS,
     INTAKE_REQUESTS,
+    JOBS_ENDED_EARLY,
     RECORDS_CONSUMED,
     RECORDS_PRODUCED,
     LagMonitor,
@@ -46,13 +58,23 @@ from imagegen.infra.object_store import ObjectStore
 from imagegen.infra.settings import Settings
 from imagegen.infra.topics import ensure_topics
 from imagegen.infra.tracing import Span, start_span, trace_headers
+from imagegen.processors import job_events
 from imagegen.processors.faust_app import App
+from imagegen.processors.fleet_watch import FleetWatch
 from imagegen.processors.intake import Admit, Answer, Drop, Intake, Invalid, Outcome, StageFailed
+from imagegen.processors.load import FleetLoad
 from imagegen.processors.state import WriteBehind
 from imagegen.processors.trust import screen
-from imagegen.schemas import DeadLetter, Stage, Status, encode
+from imagegen.schemas import DeadLetter, GenerationRequest, GenerationResult, Stage, Status, encode
 from imagegen.schemas.headers import ADMITTED_AT_HEADER, TRACEPARENT, TRACESTATE
-from imagegen.schemas.topics import DLQ, PROCESSOR_GROUP, RENDER, REQUESTS, RESULTS
+from imagegen.schemas.topics import (
+    DLQ,
+    PROCESSOR_GROUP,
+    RENDER,
+    RENDER_BATCH,
+    REQUESTS,
+    RESULTS,
+)
 
 # A batch closes at BATCH_MAX records or BATCH_WITHIN_S after its first, whichever is first:
 # big enough to amortise a broker round trip, short enough to add no noticeable latency.
@@ -106,7 +128,18 @@ class IntakeProcessor:
             WriteBehind(self.app.Table("buckets", partitions=self.partitions)),
         ]
         dedupe_memory, buckets = self.state
-        self.intake = Intake(settings, dedupe_memory, buckets, partitions=self.partitions)
+        # The book and the watch start reading in `run`, before the agent consumes anything.
+        self.cancellations = CancelBook(settings)
+        self.load = FleetLoad()
+        self.fleet = FleetWatch(settings, self.load)
+        self.intake = Intake(
+            settings,
+            dedupe_memory,
+            buckets,
+            partitions=self.partitions,
+            cancellation=self.cancellations.honoured,
+            load=self.load,
+        )
         # Expired dedupe entries and full buckets are forgotten at the first batch a tenth
         # of the dedupe window (at most SWEEP_INTERVAL_S) after the last sweep.
         self._sweep_interval_s = min(SWEEP_INTERVAL_S, settings.dedupe_window_s / 10)
@@ -214,11 +247,15 @@ class IntakeProcessor:
         `headers` are the record's trusted ones: none in a reserved namespace."""
         INTAKE_REQUESTS.labels(outcome_label(outcome)).inc()
         match outcome:
-            case Admit():
+            case Admit(request=request, queue=queue):
                 admitted = [*_untraced(headers), *trace, (ADMITTED_AT_HEADER, _now_ms())]
-                return [await self._send(RENDER, event.key, event.value, admitted)]
+                queued = _render_topic(request)
+                sends = [await self._send(queued, event.key, event.value, admitted)]
+                self.load.admitted(request)
+                await job_events.send(self.app.producer, job_events.admitted(request, queue))
+                return sends
             case Answer(result=result):
-                return [await self._send(RESULTS, result.kafka_key, encode(result), trace)]
+                return [await self._answer(result, trace)]
             case Drop(request_id=request_id):
                 log.debug("dropped publish retry", extra={"request_id": request_id})
                 return []
@@ -226,7 +263,15 @@ class IntakeProcessor:
                 await self._dead_letter(event, error, Stage.VALIDATE)
                 if result is None:
                     return []
-                return [await self._send(RESULTS, result.kafka_key, encode(result), trace)]
+                return [await self._answer(result, trace)]
+
+    async def _answer(self, result: GenerationResult, trace: Headers) -> Sent:
+        """Start the result's send, and tell watchers the request finished."""
+        sent = await self._send(RESULTS, result.kafka_key, encode(result), trace)
+        if result.status in (Status.CANCELED, Status.EXPIRED):
+            JOBS_ENDED_EARLY.labels(result.status.value, "intake").inc()
+        await job_events.send(self.app.producer, job_events.finished(result))
+        return sent
 
     async def _unpublished(self, record: Started, failure: BaseException) -> None:
         """Dead-letter a record whose sends failed, answer it `publish_error`, and release
@@ -243,7 +288,7 @@ class IntakeProcessor:
             )
             if answer is None:
                 return
-            _, delivered = await self._send(RESULTS, answer.kafka_key, encode(answer), [])
+            _, delivered = await self._answer(answer, [])
             await delivered
             RECORDS_PRODUCED.labels(RESULTS).inc()
         except Exception:
@@ -331,7 +376,8 @@ class IntakeProcessor:
             if metrics is not None
             else nullcontext()
         )
-        with lag:
+        # The book is read to its end before the first request is decided.
+        with lag, self.cancellations, self.fleet:
             worker.execute_from_commandline()
 
 
@@ -394,7 +440,9 @@ def outcome_label(outcome: Outcome) -> str:
         case Admit():
             return "admitted"
         case Answer(result=result):
-            return "duplicate" if result.status is Status.DUPLICATE else "rejected"
+            if result.status in (Status.DUPLICATE, Status.CANCELED, Status.EXPIRED):
+                return result.status.value
+            return "rejected"
         case Drop():
             return "publish_retry"
         case Invalid():
@@ -420,6 +468,11 @@ def _request_id(outcome: Admit | Answer | Drop) -> str:
             return result.request_id
         case Drop(request_id=request_id):
             return request_id
+
+
+def _render_topic(request: GenerationRequest) -> str:
+    """Workers take `interactive` work first, and `batch` work only while none waits."""
+    return RENDER_BATCH if request.priority == "batch" else RENDER
 
 
 def _untraced(headers: Headers) -> Headers:

@@ -1,34 +1,50 @@
 """The intake decision for one record: validate (the schema, and the key against user_id),
-dedupe, rate limit by cost, admit, in that order; and the answer when its sends fail.
+honour a cancellation, expire, dedupe, shed load, rate limit by cost, admit, in that order;
+and the answer when its sends fail.
 
 `Intake.decide` is pure logic over two dict-like stores, the dedupe memory and the token
-buckets; the faust app (`imagegen.processors.app`) passes its tables in and performs the outcome.
+buckets, and two read-only views it is handed: the cancellations (`CancelBook.honoured`)
+and the queue estimate (`FleetLoad.estimate`). The faust app (`imagegen.processors.app`)
+passes its tables and those in, and performs the outcome.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
 
 from pydantic import BaseModel, ValidationError
 
 from imagegen.infra.settings import Settings
-from imagegen.processors.dedupe import Deduper, Seen
+from imagegen.processors.dedupe import Deduper, Seen, Verdict
+from imagegen.processors.load import QueueEstimate
 from imagegen.processors.ratelimit import TOKEN_WORK, RateLimiter, request_cost
 from imagegen.processors.state import Store
-from imagegen.schemas import GenerationRequest, GenerationResult, Reason, Stage, Status, decode
+from imagegen.schemas import (
+    CancelRequest,
+    GenerationRequest,
+    GenerationResult,
+    Reason,
+    Stage,
+    Status,
+    decode,
+)
 from imagegen.schemas.errors import InvalidMessage
 from imagegen.schemas.fields import RequestId, UserId, utc_now
 
 
 @dataclass(frozen=True)
 class Admit:
-    """Forward to the render topic."""
+    """Forward to the request's render topic. `queue` is what waits ahead of it, where known."""
 
     request: GenerationRequest
+    queue: QueueEstimate | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +70,21 @@ class Invalid:
 
 
 Outcome = Admit | Answer | Drop | Invalid
+
+
+class Load(Protocol):
+    """What the intake asks of the fleet's load (`FleetLoad`)."""
+
+    def estimate(self, request: GenerationRequest) -> QueueEstimate | None: ...
+
+
+class _NoLoad:
+    def estimate(self, request: GenerationRequest) -> QueueEstimate | None:
+        return None
+
+
+def _no_cancellations(request: GenerationRequest) -> CancelRequest | None:
+    return None
 
 
 class StageFailed(Exception):
@@ -89,10 +120,18 @@ class Intake:
         buckets: Store,
         partitions: int,
         clock: Callable[[], float] = time.time,
+        *,
+        cancellation: Callable[[GenerationRequest], CancelRequest | None] = _no_cancellations,
+        load: Load | None = None,
     ) -> None:
+        """`cancellation` gives a request's honoured cancellation (`CancelBook.honoured`);
+        `load` the queue ahead of it (`FleetLoad`). Without them nothing is canceled or shed."""
         self._deduper = Deduper(dedupe_memory, settings.dedupe_window_s)
         self._limiter = RateLimiter(settings, buckets, partitions)
         self._clock = clock
+        self._cancellation = cancellation
+        self._load = load or _NoLoad()
+        self._default_ttl_s = settings.default_ttl_s
 
     def decide(
         self,
@@ -112,7 +151,13 @@ class Intake:
         request_id again is then admitted instead of dropped, because its first attempt
         failed somewhere, and it skips the rate limit, because the user already paid for
         that attempt. A worker never renders an image twice: it publishes the stored one
-        when it exists.
+        when it exists. A replay is canceled, expired and shed like any request.
+
+        A record of a request already admitted (a redelivery of the admitting record, or a
+        publish retry) is admitted again or dropped before anything else is asked: its
+        first admission went to a worker, which honours a cancellation and a deadline
+        itself and alone knows whether the render began. Answering it here could
+        contradict the worker's answer.
         """
         with _stage(Stage.VALIDATE):
             try:
@@ -126,19 +171,26 @@ class Intake:
         with _stage(Stage.DEDUPE):
             verdict = self._deduper.check(request, partition, offset, now)
         if verdict.seen is Seen.REDELIVERY:
-            return Admit(request)  # tokens were spent the first time
+            with _stage(Stage.RATELIMIT):
+                queue = self._load.estimate(request)
+            return Admit(request, queue)  # tokens were spent the first time
         if verdict.seen is Seen.PUBLISH_RETRY and not replayed:
             return Drop(request.request_id)
+
+        # None of these spend tokens: each is checked before the rate limit. (Admission
+        # control, like the limit: the wire contract has no stage of its own for it.)
+        with _stage(Stage.RATELIMIT):
+            deadline = self._deadline(request)
+            ended = self._canceled(request) or _expired(request, deadline, now)
+        if ended is not None:
+            return ended
         if verdict.seen is Seen.DUPLICATE:
-            return Answer(
-                _result(
-                    request,
-                    Status.DUPLICATE,
-                    duplicate_of=verdict.admitted_request_id,
-                    detail=f"idempotency key {request.idempotency_key!r} was already used by "
-                    f"request {verdict.admitted_request_id}",
-                )
-            )
+            return _duplicate(request, verdict)
+        with _stage(Stage.RATELIMIT):
+            queue = self._load.estimate(request)
+            shed = _overloaded(request, queue, deadline, now)
+        if shed is not None:
+            return shed
 
         if not replayed:
             with _stage(Stage.RATELIMIT):
@@ -147,7 +199,25 @@ class Intake:
                 return refusal
         with _stage(Stage.DEDUPE):
             self._deduper.remember(request, partition, offset, now)
-        return Admit(request)
+        return Admit(request, queue)
+
+    def _deadline(self, request: GenerationRequest) -> float:
+        return request.deadline(self._default_ttl_s).timestamp()
+
+    def _canceled(self, request: GenerationRequest) -> Answer | None:
+        # Only the request's own user's cancellation counts; the book counts foreign ones.
+        cancel = self._cancellation(request)
+        if cancel is None:
+            return None
+        return Answer(
+            _result(
+                request,
+                Status.CANCELED,
+                reason=Reason.CANCELED,
+                detail=f"canceled by its user (at {cancel.requested_at.isoformat()}) before "
+                "the processor admitted it; nothing was rendered",
+            )
+        )
 
     def unpublished(
         self, outcome: Outcome, partition: int, offset: int, error: BaseException
@@ -233,6 +303,63 @@ def _result(
         model=request.model,
         completed_at=utc_now(),
     )
+
+
+def _expired(request: GenerationRequest, deadline: float, now: float) -> Answer | None:
+    if now < deadline:
+        return None
+    return Answer(
+        _result(
+            request,
+            Status.EXPIRED,
+            reason=Reason.DEADLINE_EXCEEDED,
+            detail=f"its deadline {_utc(deadline)} passed {now - deadline:.1f}s before the "
+            "processor could admit it; nothing was rendered",
+        )
+    )
+
+
+def _duplicate(request: GenerationRequest, verdict: Verdict) -> Answer:
+    return Answer(
+        _result(
+            request,
+            Status.DUPLICATE,
+            duplicate_of=verdict.admitted_request_id,
+            detail=f"idempotency key {request.idempotency_key!r} was already used by "
+            f"request {verdict.admitted_request_id}",
+        )
+    )
+
+
+def _overloaded(
+    request: GenerationRequest, queue: QueueEstimate | None, deadline: float, now: float
+) -> Answer | None:
+    """A rejection when the wait ahead outlasts the time left before the deadline. With no
+    measured wait (no throughput known), nothing is shed: the worker still expires it."""
+    if queue is None or queue.wait_s is None:
+        return None
+    left_s = deadline - now
+    if queue.wait_s <= left_s:
+        return None
+    # A request with as long to live starts in time once the queue has drained by the
+    # excess; the margin covers the age of the backlog reading the next decision sees.
+    retry_after_ms = math.ceil((queue.wait_s - left_s + queue.margin_s) * 1000)
+    return Answer(
+        _result(
+            request,
+            Status.REJECTED,
+            reason=Reason.OVERLOADED,
+            retry_after_ms=retry_after_ms,
+            detail=f"the render queues are too long for its deadline: about {queue.ahead} "
+            f"request(s) ahead, an estimated {queue.wait_s:.1f}s before a render starts, "
+            f"{max(left_s, 0.0):.1f}s left before {_utc(deadline)}; retry in "
+            f"{retry_after_ms} ms, or allow it longer",
+        )
+    )
+
+
+def _utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
 
 
 def _misrouted(request: GenerationRequest, key: bytes | None) -> Invalid:

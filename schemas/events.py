@@ -9,9 +9,8 @@ they lie in one partition in the order they were sent.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from imagegen.schemas.fields import (
     SCHEMA_VERSION,
@@ -56,12 +55,6 @@ class JobEvent(BaseModel):
     )
     status: Status | None = Field(default=None, description="The result's status, once finished.")
     worker_id: str | None = Field(default=None, max_length=256)
-
-    @model_validator(mode="after")
-    def _step_within_steps(self) -> Self:
-        if self.step is not None and self.steps is not None and self.step > self.steps:
-            raise ValueError(f"step {self.step} is past steps {self.steps}")
-        return self
 
     @property
     def kafka_key(self) -> bytes:

@@ -89,6 +89,27 @@ def test_an_item_keyed_none_batches_with_nothing_and_waits_for_no_company() -> N
     assert batcher.next_batch(1) == ["a1", "a2", "a3", "a4"]
 
 
+def test_the_best_rank_goes_first_and_waiting_items_are_counted_by_rank() -> None:
+    # Keyed and ranked by the letter: "i" items (rank 0) are interactive, "b" items (rank 1) batch.
+    batcher: Batcher[str] = Batcher(
+        lambda item: item[0],
+        max_batch=2,
+        max_wait_s=0,
+        rank=lambda item: 0 if item[0] == "i" else 1,
+    )
+    for item in ("b1", "b2", "i1", "b3", "i2", "i3"):
+        batcher.put(item)
+    assert (batcher.waiting(0), batcher.waiting(1)) == (3, 3)
+    assert batcher.next_batch(1) == ["i1", "i2"]  # younger than b1, b2, and first
+    assert batcher.next_batch(1) == ["i3"]
+    assert (batcher.waiting(0), batcher.waiting(1)) == (0, 3)
+    assert batcher.next_batch(1) == ["b1", "b2"]
+    batcher.put("i4")
+    assert batcher.next_batch(1) == ["i4"]  # ahead of b3, which waited longer
+    assert batcher.drain() == ["b3"]
+    assert (batcher.waiting(0), batcher.waiting(1)) == (0, 0)
+
+
 def test_drain_hands_back_everything_waiting() -> None:
     batcher: Batcher[str] = Batcher(lambda item: item[0], max_batch=1, max_wait_s=0)
     for item in ("a1", "b1", "a2"):

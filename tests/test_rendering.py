@@ -18,6 +18,7 @@ from imagegen.consumers.rendering import (
     Renderer,
     RenderFailed,
     RenderOutOfMemory,
+    RenderStopped,
     batch_key,
     encode_image,
     seed_for,
@@ -150,6 +151,20 @@ def test_other_pipeline_errors_are_permanent_failures(
         renderer.render([request()])
     assert caught.value.transient is False
     assert caught.value.__cause__ is error
+
+
+def test_the_step_hook_sees_every_step_and_can_stop_the_render(renderer: Renderer) -> None:
+    seen: list[tuple[int, int]] = []
+    renderer.render([request(steps=3)], lambda step, steps: seen.append((step, steps)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+    def stop_after_two(step: int, steps: int) -> None:
+        if step == 2:
+            raise RenderStopped(step, steps)
+
+    with pytest.raises(RenderStopped) as stopped:  # as it is: not a RenderFailed
+        renderer.render([request(steps=5), request(steps=5)], stop_after_two)
+    assert (stopped.value.step, stopped.value.steps) == (2, 5)
 
 
 def test_jpeg_drops_the_alpha_channel() -> None:

@@ -1,4 +1,5 @@
-"""The published JSON Schemas say yes exactly when `decode` does, for requests and results.
+"""The published JSON Schemas say yes exactly when `decode` does, for requests, results, job
+events and cancellations.
 
 Documents come from two sides: valid ones built from the models' rules (both must accept them),
 and near misses, each a valid document with one mutation (a character inserted, a number
@@ -26,7 +27,16 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from pydantic import BaseModel
 
-from imagegen.schemas import GenerationRequest, GenerationResult, Reason, Status, decode
+from imagegen.schemas import (
+    CancelRequest,
+    EventType,
+    GenerationRequest,
+    GenerationResult,
+    JobEvent,
+    Reason,
+    Status,
+    decode,
+)
 from imagegen.schemas.errors import InvalidMessage
 from imagegen.schemas.export import JSON_DIR
 from imagegen.schemas.fields import PROMPT_PATTERN
@@ -36,6 +46,8 @@ Document = dict[str, Any]
 SCHEMAS = {
     GenerationRequest: json.loads((JSON_DIR / "generation_request.v1.json").read_text()),
     GenerationResult: json.loads((JSON_DIR / "generation_result.v1.json").read_text()),
+    JobEvent: json.loads((JSON_DIR / "job_event.v1.json").read_text()),
+    CancelRequest: json.loads((JSON_DIR / "cancel_request.v1.json").read_text()),
 }
 PLAIN = {model: Draft202012Validator(schema) for model, schema in SCHEMAS.items()}
 WITH_FORMATS = {
@@ -502,3 +514,131 @@ def test_the_generators_reach_both_verdicts() -> None:
 
     count()
     assert min(seen.values()) >= 10, seen
+
+
+# Job events and cancellations (issue 15).
+
+
+def progress(**changes: object) -> Document:
+    document: Document = {
+        "request_id": ULID,
+        "user_id": "alice",
+        "type": "progress",
+        "at": "2026-11-21T10:00:02Z",
+        "step": 3,
+        "steps": 20,
+    }
+    document.update(changes)
+    return document
+
+
+@pytest.mark.parametrize(
+    ("changes", "accepted"),
+    [
+        ({}, True),
+        ({"step": None, "steps": None, "worker_id": None, "status": None}, True),
+        ({"type": "admitted", "queue_position": 0, "estimated_start_at": ULID}, False),
+        (
+            {"type": "admitted", "queue_position": 4, "estimated_start_at": "2026-11-21T10:00:09Z"},
+            True,
+        ),
+        ({"type": "finished", "status": "expired"}, True),
+        ({"type": "finished", "status": "queued"}, False),
+        ({"type": "queued"}, False),
+        ({"type": "Progress"}, False),
+        ({"step": 0}, True),
+        ({"step": 20}, True),
+        ({"step": 21}, True),  # a watcher's display problem, not the wire's: no rule
+        ({"step": -1}, False),
+        ({"step": 3.0, "steps": 20.0}, True),
+        ({"step": 3.5}, False),
+        ({"step": True}, False),
+        ({"steps": 0}, False),
+        ({"queue_position": -1}, False),
+        ({"worker_id": "w" * 256}, True),
+        ({"worker_id": "w" * 257}, False),
+        ({"at": "2026-11-21T10:00:02"}, False),
+        ({"at": None}, False),
+        ({"user_id": "al ice"}, False),
+        ({"schema_version": 2}, False),
+        ({"colour": "red"}, False),
+    ],
+)
+def test_near_misses_of_events(changes: Document, accepted: bool) -> None:
+    assert assert_agree(JobEvent, progress(**changes)) is accepted
+
+
+def cancellation(**changes: object) -> Document:
+    document: Document = {
+        "request_id": ULID,
+        "user_id": "alice",
+        "requested_at": "2026-11-21T10:00:03.5+01:00",
+    }
+    document.update(changes)
+    return document
+
+
+@pytest.mark.parametrize(
+    ("changes", "accepted"),
+    [
+        ({}, True),
+        ({"schema_version": 1.0}, True),
+        ({"request_id": "0b5e2f0e-7d5c-4d2a-9a8e-3f1c2b4a6d7e"}, True),
+        ({"request_id": "order-17"}, False),
+        ({"user_id": ""}, False),
+        ({"user_id": "alice\n"}, False),
+        ({"requested_at": None}, False),
+        ({"requested_at": "2026-02-30T10:00:00Z"}, False),
+        ({"reason": "changed my mind"}, False),
+    ],
+)
+def test_near_misses_of_cancellations(changes: Document, accepted: bool) -> None:
+    assert assert_agree(CancelRequest, cancellation(**changes)) is accepted
+
+
+@st.composite
+def valid_events(draw: st.DrawFn) -> Document:
+    steps = draw(optional(integer(1, 1000)))
+    most = steps if isinstance(steps, int | float) else 10**6
+    return draw(
+        documents(
+            schema_version=optional(st.sampled_from([1, 1.0]), nullable=False),
+            request_id=request_ids,
+            user_id=user_ids,
+            type=st.sampled_from(EventType),
+            at=timestamps(),
+            step=optional(integer(0, int(most))),
+            steps=st.just(steps),
+            queue_position=optional(integer(0, 10**6)),
+            estimated_start_at=optional(timestamps()),
+            status=optional(st.sampled_from(Status)),
+            worker_id=optional(st.text(NOT_JSON, max_size=80)),
+        )
+    )
+
+
+valid_cancellations = documents(
+    schema_version=optional(st.sampled_from([1, 1.0]), nullable=False),
+    request_id=request_ids,
+    user_id=user_ids,
+    requested_at=timestamps(),
+)
+
+
+SOME = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SOME
+@given(valid_events(), st.data())
+def test_events_one_mutation_away_get_one_verdict(document: Document, data: st.DataObject) -> None:
+    assert assert_agree(JobEvent, document) is True
+    assert_agree(JobEvent, mutate(document, data))
+
+
+@SOME
+@given(valid_cancellations, st.data())
+def test_cancellations_one_mutation_away_get_one_verdict(
+    document: Document, data: st.DataObject
+) -> None:
+    assert assert_agree(CancelRequest, document) is True
+    assert_agree(CancelRequest, mutate(document, data))

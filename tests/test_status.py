@@ -16,7 +16,7 @@ from prometheus_client import start_http_server
 
 from imagegen.infra.kafka import make_consumer, make_producer
 from imagegen.infra.settings import Settings
-from imagegen.schemas.topics import DLQ, RENDER, REQUESTS
+from imagegen.schemas.topics import CANCELLATIONS, DLQ, EVENTS, RENDER, RENDER_BATCH, REQUESTS
 from tests.conftest import settings_env
 from tests.helpers import free_port
 
@@ -65,9 +65,12 @@ def commit_as(settings: Settings, group: str, topic: str, offsets: dict[int, int
 
 def test_status_shows_topics_groups_lag_and_the_dlq(isolated_stack: Settings) -> None:
     produce_batches(isolated_stack, RENDER, {0: 5, 1: 3, 2: 4})
+    produce_batches(isolated_stack, RENDER_BATCH, {1: 2, 4: 7})
     produce_batches(isolated_stack, REQUESTS, {0: 2})
-    # The workers handled 3 of partition 0 and all of partition 1, and never committed on 2.
+    # The workers handled 3 of partition 0 and all of partition 1, and never committed on 2;
+    # of the batch queue, they handled 1 record of partition 4 and committed nothing else.
     commit_as(isolated_stack, "imagegen-workers", RENDER, {0: 3, 1: 3})
+    commit_as(isolated_stack, "imagegen-workers", RENDER_BATCH, {4: 1})
     commit_as(isolated_stack, "test-status-other", REQUESTS, {0: 1})
     # A real metrics server for the processor's port, and nothing on the worker's.
     metrics_port, nothing_port = free_port(), free_port()
@@ -97,7 +100,7 @@ def test_status_shows_topics_groups_lag_and_the_dlq(isolated_stack: Settings) ->
     assert not checks["worker metrics"]["required"]
 
     topics = {topic["name"]: topic for topic in report["topics"]}
-    assert {RENDER, REQUESTS, DLQ} <= topics.keys()
+    assert {RENDER, RENDER_BATCH, REQUESTS, EVENTS, CANCELLATIONS, DLQ} <= topics.keys()
     assert topics[RENDER]["records"] == 12
     assert [p["records"] for p in topics[RENDER]["partitions"]] == [5, 3, 4, 0, 0, 0]
     assert topics[REQUESTS]["records"] == 2
@@ -105,9 +108,26 @@ def test_status_shows_topics_groups_lag_and_the_dlq(isolated_stack: Settings) ->
 
     groups = {group["group"]: group for group in report["groups"]}
     workers = groups["imagegen-workers"]
-    lag = {p["partition"]: (p["committed"], p["lag"]) for p in workers["partitions"]}
-    assert lag == {0: (3, 2), 1: (3, 0), 2: (None, 4), 3: (None, 0), 4: (None, 0), 5: (None, 0)}
-    assert workers["total_lag"] == 6
+    lag = {(p["topic"], p["partition"]): (p["committed"], p["lag"]) for p in workers["partitions"]}
+    assert {p: lag[RENDER, p] for p in range(6)} == {
+        0: (3, 2),
+        1: (3, 0),
+        2: (None, 4),
+        3: (None, 0),
+        4: (None, 0),
+        5: (None, 0),
+    }
+    # The batch queue counts too, also where the workers never committed.
+    assert {p: lag[RENDER_BATCH, p] for p in range(6)} == {
+        0: (None, 0),
+        1: (None, 2),
+        2: (None, 0),
+        3: (None, 0),
+        4: (1, 6),
+        5: (None, 0),
+    }
+    assert len(lag) == 12
+    assert workers["total_lag"] == 6 + 8
     # A pipeline group that never committed is still shown, owing its topic's backlog.
     assert groups["imagegen-processor"]["total_lag"] == 2
     other = groups["test-status-other"]
@@ -118,6 +138,8 @@ def test_status_shows_topics_groups_lag_and_the_dlq(isolated_stack: Settings) ->
     assert table.returncode == 0, table.stdout + table.stderr
     assert "imagegen-workers" in table.stdout and "test-status-other" in table.stdout
     assert f"{RENDER} 0:2 1:0 2:4 3:0 4:0 5:0" in table.stdout
+    assert f"{RENDER_BATCH} 0:0 1:2 2:0 3:0 4:6 5:0" in table.stdout
+    assert EVENTS in table.stdout and CANCELLATIONS in table.stdout
     assert f"{DLQ}: empty" in table.stdout
 
 

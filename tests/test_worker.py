@@ -17,6 +17,7 @@ from confluent_kafka import TopicPartition
 from PIL import Image
 
 from imagegen.consumers.dlq import FailedRecords, Filters, replay
+from imagegen.consumers.rendering import OnStep
 from imagegen.consumers.storage import object_key
 from imagegen.consumers.worker import RenderWorker, WorkerOptions
 from imagegen.infra.kafka import make_consumer, make_producer
@@ -204,10 +205,10 @@ from imagegen.consumers.rendering import Renderer
 render = Renderer.render
 
 
-def render_or_die(self, requests):
+def render_or_die(self, requests, on_step=None):
     if any(request.prompt == "kill the worker" for request in requests):
         os.kill(os.getpid(), signal.SIGKILL)
-    return render(self, requests)
+    return render(self, requests, on_step)
 
 
 Renderer.render = render_or_die
@@ -358,7 +359,9 @@ class ImagelessRenderer:
 
     device = torch.device("cpu")
 
-    def render(self, requests: list[GenerationRequest]) -> list[Image.Image]:
+    def render(
+        self, requests: list[GenerationRequest], on_step: OnStep | None = None
+    ) -> list[Image.Image]:
         return []
 
 

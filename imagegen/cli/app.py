@@ -11,12 +11,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from imagegen.cli.cancel import cancel
 from imagegen.cli.dlq import dlq_app
 from imagegen.cli.extras import require_extras
 from imagegen.cli.processor import processor
 from imagegen.cli.results import fetch, results
 from imagegen.cli.status import pipeline_status
 from imagegen.cli.submit import submit
+from imagegen.cli.usage import usage
+from imagegen.cli.watch import watch
 from imagegen.cli.worker import worker
 from imagegen.infra.embedded import EMBEDDED_FETCH_WAIT_MS, EmbeddedStack
 from imagegen.infra.provision import provision
@@ -38,11 +41,14 @@ stack_app = typer.Typer(
 app.add_typer(stack_app, name="stack")
 app.add_typer(dlq_app, name="dlq")
 app.command("submit")(submit)
+app.command("watch")(watch)
+app.command("cancel")(cancel)
 app.command("processor")(processor)
 app.command("worker")(worker)
 app.command("results")(results)
 app.command("fetch")(fetch)
 app.command("status")(pipeline_status)
+app.command("usage")(usage)
 
 
 @app.command("demo")

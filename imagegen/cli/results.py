@@ -1,4 +1,5 @@
-"""`imagegen results` and `imagegen fetch`: read answers and download images.
+"""`imagegen results` and `imagegen fetch`: read answers and download images; and how the
+commands that wait for one answer (`submit --wait`, `watch`) print it.
 
 Both show each request's latest result: a request replayed from the DLQ has a failed result
 and, after it, a succeeded one, and its state is the succeeded one.
@@ -16,11 +17,13 @@ from rich.console import Console
 
 from imagegen.consumers.results import ResultSubscriber, latest_result, latest_results
 from imagegen.infra.object_store import ObjectStore
-from imagegen.infra.settings import load_settings
+from imagegen.infra.settings import Settings, load_settings
 from imagegen.schemas import GenerationResult, Status
 from imagegen.schemas.fields import PATTERN_HELP, RequestId
 
 console = Console(soft_wrap=True, highlight=False)
+#: A command that waited for one of these exits 1: the request has no image.
+UNSUCCESSFUL = frozenset({Status.FAILED, Status.REJECTED, Status.CANCELED, Status.EXPIRED})
 
 
 def results(
@@ -50,7 +53,7 @@ def fetch(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the image.")],
 ) -> None:
     """Download the image of a request whose latest result is succeeded."""
-    request_id = _request_id(request_id)
+    request_id = parse_request_id(request_id)
     settings = load_settings()
     with console.status(f"looking for the result of {request_id} ..."):
         found = latest_result(settings, request_id)
@@ -74,7 +77,36 @@ def fetch(
     console.print(f"wrote {output} ({len(data)} bytes, {found.content_type})")
 
 
-def _request_id(given: str) -> str:
+def print_result(result: GenerationResult, settings: Settings, as_json: bool) -> None:
+    """One result, with a download URL when it succeeded."""
+    url = None
+    if result.status is Status.SUCCEEDED and result.object_key:
+        url = ObjectStore(settings).presigned_url(result.object_key)
+    if as_json:
+        console.print_json(data={**result.model_dump(mode="json"), "url": url})
+        return
+    console.print(f"{result.request_id} {result.status.value}")
+    if result.reason is not None:
+        console.print(f"  reason: {result.reason.value}: {result.detail or ''}")
+    if result.duplicate_of is not None:
+        console.print(f"  duplicate of: {result.duplicate_of}")
+    if result.retry_after_ms is not None:
+        console.print(f"  retry after: {result.retry_after_ms} ms")
+    if url is not None:
+        console.print(f"  object: s3://{result.bucket}/{result.object_key}")
+        console.print(f"  url: {url}")
+
+
+def conclude(result: GenerationResult, settings: Settings, as_json: bool) -> None:
+    """Print the result a command waited for; exit 1 if it failed, was rejected, canceled
+    or expired."""
+    print_result(result, settings, as_json)
+    if result.status in UNSUCCESSFUL:
+        raise typer.Exit(1)
+
+
+def parse_request_id(given: str) -> str:
+    """`given` if it is a request id, else a usage error that says where to find one."""
     try:
         return TypeAdapter(RequestId).validate_python(given)
     except ValidationError as exc:

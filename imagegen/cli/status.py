@@ -31,11 +31,18 @@ from imagegen.infra.object_store import ObjectStore
 from imagegen.infra.settings import Settings, load_settings
 from imagegen.infra.topics import TOPICS
 from imagegen.schemas.errors import BrokerUnavailable, ImagegenError
-from imagegen.schemas.topics import DLQ, PROCESSOR_GROUP, RENDER, REQUESTS, WORKER_GROUP
+from imagegen.schemas.topics import (
+    DLQ,
+    PROCESSOR_GROUP,
+    RENDER,
+    RENDER_BATCH,
+    REQUESTS,
+    WORKER_GROUP,
+)
 
-# The groups the pipeline's own consumers join, and the topic each one reads, so that a
+# The groups the pipeline's own consumers join, and the topics each one reads, so that a
 # group that has committed nothing yet still shows the backlog waiting for it.
-PIPELINE_GROUPS = {PROCESSOR_GROUP: REQUESTS, WORKER_GROUP: RENDER}
+PIPELINE_GROUPS = {PROCESSOR_GROUP: (REQUESTS,), WORKER_GROUP: (RENDER, RENDER_BATCH)}
 
 # Only reads watermarks: it never subscribes, so it never joins or commits.
 _STATUS_GROUP = "imagegen-status"
@@ -245,10 +252,11 @@ def _group_status(
     except (KafkaException, TimeoutError) as exc:
         return GroupStatus(group, "unknown", None, error=_kafka_reason(exc))
     committed: dict[tuple[str, int], int | None] = {}
-    expected = PIPELINE_GROUPS.get(group)
-    if expected in metadata.topics:
-        # The group's own topic in full, so that partitions it never committed on count.
-        committed.update(dict.fromkeys((expected, p) for p in metadata.topics[expected].partitions))
+    for expected in PIPELINE_GROUPS.get(group, ()):
+        if expected in metadata.topics:
+            # The group's own topics in full, so that partitions it never committed on count.
+            partitions = metadata.topics[expected].partitions
+            committed.update(dict.fromkeys((expected, p) for p in partitions))
     committed.update(
         ((tp.topic, tp.partition), tp.offset)
         for tp in offsets.topic_partitions

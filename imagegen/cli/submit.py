@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from imagegen.consumers.results import ResultSubscriber
+from imagegen.cli.results import conclude
+from imagegen.cli.times import iso_time
+from imagegen.cli.watch import wait_with_progress
+from imagegen.consumers.events import JobFollower
 from imagegen.infra.kafka import check_broker
-from imagegen.infra.object_store import ObjectStore
-from imagegen.infra.settings import Settings, load_settings
+from imagegen.infra.settings import load_settings
 from imagegen.producers.publisher import RequestPublisher
-from imagegen.schemas import GenerationRequest, GenerationResult, Status, encode
+from imagegen.schemas import GenerationRequest, encode
+from imagegen.schemas.fields import utc_now
 
 console = Console(soft_wrap=True, highlight=False)
+
+
+class PriorityChoice(StrEnum):
+    """`imagegen.schemas.Priority` as typer offers a choice: an enum."""
+
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
 
 
 def submit(
@@ -33,13 +45,44 @@ def submit(
     output_format: Annotated[
         str | None, typer.Option("--format", help="png, jpeg or webp.")
     ] = None,
+    priority: Annotated[
+        PriorityChoice | None,
+        typer.Option(
+            help="interactive (the default) renders first; batch only while no interactive "
+            "work waits.",
+        ),
+    ] = None,
+    ttl: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="Seconds from now after which no render starts (the result says expired); "
+            "default IMAGEGEN_DEFAULT_TTL_S of the processor.",
+        ),
+    ] = None,
+    expires_at: Annotated[
+        datetime | None,
+        typer.Option(
+            parser=iso_time,
+            help="When no render may start any more, instead of --ttl: ISO-8601 (UTC if no "
+            "offset).",
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the published request (or result) as JSON.")
     ] = False,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Show progress, then print the result.")
+    ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits.", min=0)] = 300.0,
 ) -> None:
-    """Publish a generation request and print its request id (or, with --wait, its result)."""
+    """Publish a generation request and print its request id (or, with --wait, its result:
+    exit 1 if it failed, was rejected, canceled or expired)."""
+    if ttl is not None and expires_at is not None:
+        raise typer.BadParameter("give --ttl or --expires-at, not both", param_hint="--ttl")
+    submitted_at = utc_now()
+    if ttl is not None:
+        expires_at = submitted_at + timedelta(seconds=ttl)
     options = {
         "idempotency_key": idempotency_key,
         "negative_prompt": negative_prompt,
@@ -50,9 +93,11 @@ def submit(
         "height": height,
         "model": model,
         "output_format": output_format,
+        "priority": None if priority is None else priority.value,
+        "expires_at": expires_at,
     }
     given = {name: value for name, value in options.items() if value is not None}
-    request = GenerationRequest.new(prompt=prompt, user_id=user, **given)
+    request = GenerationRequest.new(prompt=prompt, user_id=user, submitted_at=submitted_at, **given)
     settings = load_settings()
     check_broker(settings)  # fail fast, before librdkafka retries for the delivery timeout
     if not wait:
@@ -60,35 +105,13 @@ def submit(
             publisher.publish(request)
         console.print(encode(request).decode() if as_json else request.request_id)
         return
-    # Subscribe first: a result published before the subscriber existed could be missed.
-    # Only the partition where this request's results land is read.
+    # Follow first: an event or result published before the follower existed could be
+    # missed. Only the partitions where this request's events and results land are read.
     with (
-        ResultSubscriber(settings, request_ids=[request.request_id]) as results,
+        JobFollower(settings, [request.request_id]) as follower,
         RequestPublisher(settings) as publisher,
     ):
         publisher.publish(request)
-        with console.status(f"waiting for {request.request_id} ..."):
-            result = results.wait_for([request.request_id], timeout)[request.request_id]
-    print_result(result, settings, as_json)
-    if result.status in (Status.FAILED, Status.REJECTED):
-        raise typer.Exit(1)
-
-
-def print_result(result: GenerationResult, settings: Settings, as_json: bool) -> None:
-    """One result, with a download URL when it succeeded."""
-    url = None
-    if result.status is Status.SUCCEEDED and result.object_key:
-        url = ObjectStore(settings).presigned_url(result.object_key)
-    if as_json:
-        console.print_json(data={**result.model_dump(mode="json"), "url": url})
-        return
-    console.print(f"{result.request_id} {result.status.value}")
-    if result.reason is not None:
-        console.print(f"  reason: {result.reason.value}: {result.detail or ''}")
-    if result.duplicate_of is not None:
-        console.print(f"  duplicate of: {result.duplicate_of}")
-    if result.retry_after_ms is not None:
-        console.print(f"  retry after: {result.retry_after_ms} ms")
-    if url is not None:
-        console.print(f"  object: s3://{result.bucket}/{result.object_key}")
-        console.print(f"  url: {url}")
+        waiting = f"submitted {request.request_id}, waiting for the processor"
+        result = wait_with_progress(follower, request.request_id, timeout, waiting)
+    conclude(result, settings, as_json)

@@ -16,7 +16,7 @@ from imagegen.cli.options import LogLevel, WorkerMetricsPort
 from imagegen.infra.logs import configure_logging
 from imagegen.infra.metrics import LagMonitor, serve
 from imagegen.infra.settings import load_settings
-from imagegen.schemas.topics import RENDER
+from imagegen.schemas.topics import RENDER, RENDER_BATCH
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ def worker(
     log_level: LogLevel = None,
     metrics_port: WorkerMetricsPort = None,
 ) -> None:
-    """Render requests from imagegen.render, store the images, publish the results."""
+    """Render requests from imagegen.render (and from imagegen.render.batch while no
+    interactive work waits), store the images, publish the results."""
     require_extras("worker", "worker")
     settings = load_settings()
     configure_logging(settings, log_level)
@@ -115,6 +116,10 @@ def worker(
     )
     render_worker = RenderWorker(settings, renderers, options)
     # Lag is only worth reading where something scrapes it.
-    lag = LagMonitor(settings, WORKER_GROUP, [RENDER]) if metrics is not None else nullcontext()
+    lag = (
+        LagMonitor(settings, WORKER_GROUP, [RENDER, RENDER_BATCH])
+        if metrics is not None
+        else nullcontext()
+    )
     with lag:
         render_worker.run()
