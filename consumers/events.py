@@ -13,10 +13,9 @@ event or result can slip past it. Unreadable records are skipped.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Self
 
 from imagegen.consumers.results import await_results
-from imagegen.consumers.topic_reader import Start, TopicReader, readable
+from imagegen.consumers.topic_reader import Start, Subscription, TopicReader, readable
 from imagegen.infra.settings import Settings
 from imagegen.schemas import GenerationResult, JobEvent
 from imagegen.schemas.topics import EVENTS, RESULTS
@@ -25,7 +24,7 @@ from imagegen.schemas.topics import EVENTS, RESULTS
 Update = JobEvent | GenerationResult
 
 
-class EventSubscriber:
+class EventSubscriber(Subscription[JobEvent]):
     def __init__(
         self,
         settings: Settings,
@@ -34,26 +33,7 @@ class EventSubscriber:
     ) -> None:
         self._wanted = None if request_ids is None else set(request_ids)
         keys = None if self._wanted is None else [i.encode() for i in self._wanted]
-        self._reader = TopicReader(settings, "imagegen-events-reader", [EVENTS], start, keys)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._reader.close()
-
-    def follow(self, poll_s: float = 0.5) -> Iterator[JobEvent]:
-        """The events of the followed requests from the start on, forever."""
-        while True:
-            yield from self._poll(poll_s)
-
-    def until_caught_up(self) -> Iterator[JobEvent]:
-        """The events up to the ends reported when the subscriber was created, then stop."""
-        while not self._reader.caught_up():
-            yield from self._poll(1.0)
+        super().__init__(TopicReader(settings, "imagegen-events-reader", [EVENTS], start, keys))
 
     def _poll(self, timeout_s: float) -> Iterator[JobEvent]:
         for message in self._reader.poll(timeout_s):
@@ -63,7 +43,7 @@ class EventSubscriber:
                 yield event
 
 
-class JobFollower:
+class JobFollower(Subscription[Update]):
     """The events and results of `request_ids`, read by one consumer in the order each
     partition holds them. (Between the two topics there is no order: a request's `finished`
     event may come before or after its result.)"""
@@ -73,23 +53,9 @@ class JobFollower:
     ) -> None:
         self._wanted = set(request_ids)
         keys = [i.encode() for i in self._wanted]
-        self._reader = TopicReader(
-            settings, "imagegen-job-follower", [EVENTS, RESULTS], start, keys
+        super().__init__(
+            TopicReader(settings, "imagegen-job-follower", [EVENTS, RESULTS], start, keys)
         )
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._reader.close()
-
-    def follow(self, poll_s: float = 0.5) -> Iterator[Update]:
-        """Every event and result of the followed requests from the start on, forever."""
-        while True:
-            yield from self._poll(poll_s)
 
     def wait_for(
         self,

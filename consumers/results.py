@@ -17,9 +17,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Self
 
-from imagegen.consumers.topic_reader import Start, TopicReader, readable
+from imagegen.consumers.topic_reader import Start, Subscription, TopicReader, readable
 from imagegen.infra.settings import Settings
 from imagegen.schemas import GenerationResult
 from imagegen.schemas.errors import ImagegenError
@@ -44,7 +43,7 @@ class ResultTimeout(ImagegenError):
         self.found = found
 
 
-class ResultSubscriber:
+class ResultSubscriber(Subscription[GenerationResult]):
     def __init__(
         self,
         settings: Settings,
@@ -53,26 +52,7 @@ class ResultSubscriber:
     ) -> None:
         # GenerationResult.kafka_key: the request id's bytes.
         keys = None if request_ids is None else [i.encode() for i in request_ids]
-        self._reader = TopicReader(settings, "imagegen-results-reader", [RESULTS], start, keys)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._reader.close()
-
-    def follow(self, poll_s: float = 0.5) -> Iterator[GenerationResult]:
-        """Every result from the start on, forever; unreadable records are skipped."""
-        while True:
-            yield from self._poll(poll_s)
-
-    def until_caught_up(self) -> Iterator[GenerationResult]:
-        """The results up to the ends reported when the subscriber was created, then stop."""
-        while not self._reader.caught_up():
-            yield from self._poll(1.0)
+        super().__init__(TopicReader(settings, "imagegen-results-reader", [RESULTS], start, keys))
 
     def wait_for(
         self,

@@ -15,8 +15,9 @@ Where it starts:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Literal, TypeVar
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Generic, Literal, Self, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 from pydantic import BaseModel
@@ -29,6 +30,7 @@ from imagegen.schemas.errors import InvalidMessage
 
 Start = Literal["beginning", "end"]
 Model = TypeVar("Model", bound=BaseModel)
+Item = TypeVar("Item")
 _Where = tuple[str, int]  # (topic, partition)
 
 
@@ -93,6 +95,37 @@ class TopicReader:
         (position,) = self._consumer.position([tp])
         at = position.offset if position.offset >= 0 else self._starts[where]
         return at >= self._read_up_to[where]
+
+
+class Subscription(ABC, Generic[Item]):
+    """What every follower built on a `TopicReader` shares: closing it, and reading its
+    items (`_poll`) forever or up to where the topics ended at creation."""
+
+    def __init__(self, reader: TopicReader) -> None:
+        self._reader = reader
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def follow(self, poll_s: float = 0.5) -> Iterator[Item]:
+        """Every item from the start on, forever; unreadable records are skipped."""
+        while True:
+            yield from self._poll(poll_s)
+
+    def until_caught_up(self) -> Iterator[Item]:
+        """The items up to the ends reported when the subscription was created, then stop."""
+        while not self._reader.caught_up():
+            yield from self._poll(1.0)
+
+    @abstractmethod
+    def _poll(self, timeout_s: float) -> Iterator[Item]:
+        """The items among the records read within `timeout_s`."""
 
 
 def readable(model: type[Model], value: bytes | None) -> Model | None:

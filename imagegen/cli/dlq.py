@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from itertools import islice
 from typing import Annotated, Any
 
@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
+from imagegen.cli.times import iso_time
 from imagegen.consumers.dlq import FailedRecords, Failure, Filters, ReplaySummary, replay
 from imagegen.infra.kafka import check_broker
 from imagegen.infra.settings import load_settings
@@ -30,16 +31,6 @@ dlq_app = typer.Typer(
 )
 #: Rows per printed table: a listing prints as it reads, so it never holds the whole DLQ.
 PAGE_ROWS = 100
-
-
-def _utc_time(text: str) -> datetime:
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise typer.BadParameter(
-            f"{text!r} is not an ISO-8601 time; try 2025-06-01 or 2025-06-01T12:00:00+02:00"
-        ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _positive(rate: float | None) -> float | None:
@@ -59,13 +50,13 @@ StageOption = Annotated[Stage | None, typer.Option(help="Only failures at this s
 Since = Annotated[
     datetime | None,
     typer.Option(
-        parser=_utc_time, help="Only failures at or after this ISO-8601 time (UTC if no offset)."
+        parser=iso_time, help="Only failures at or after this ISO-8601 time (UTC if no offset)."
     ),
 ]
 Until = Annotated[
     datetime | None,
     typer.Option(
-        parser=_utc_time, help="Only failures before this ISO-8601 time (UTC if no offset)."
+        parser=iso_time, help="Only failures before this ISO-8601 time (UTC if no offset)."
     ),
 ]
 Partition = Annotated[int | None, typer.Option(min=0, help=f"Only this partition of {DLQ}.")]
