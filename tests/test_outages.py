@@ -36,7 +36,7 @@ def test_a_20s_store_outage_mid_stream_fails_no_request(
         cut_at = time.monotonic()
         submit(isolated_stack, during)  # more than the in-flight limit: the worker pauses
         wait_for_line(worker.log, "IMAGEGEN_OUTAGE_BUDGET_S")
-        wait_for_line(worker.log, "pausing:")
+        wait_for_line(worker.log, "pausing imagegen.render:")  # back-pressure
         time.sleep(max(0.0, cut_at + OUTAGE_S - time.monotonic()))  # the outage's length
         worker.assert_running()
         proxy.restore()
