@@ -37,6 +37,12 @@ def make_worker_clients(settings: Settings) -> WorkerClients:
             WORKER_GROUP,
             # The poll loop never blocks on work, so a short interval costs nothing, and
             # some brokers (Tansu) hold a group's first join for half of it.
-            **{"max.poll.interval.ms": max(settings.kafka_session_timeout_ms, 1000)},
+            **{
+                "max.poll.interval.ms": max(settings.kafka_session_timeout_ms, 1000),
+                # The processor sheds load by the backlog behind the committed offsets
+                # (`imagegen.processors.load`); librdkafka's default 5 s between commits
+                # would make the backlog read a few seconds' work too high.
+                "auto.commit.interval.ms": 500,
+            },
         ),
     )

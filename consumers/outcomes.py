@@ -55,7 +55,7 @@ class Outcomes:
         crashes: CrashLedger,
         store: ObjectStore,
         worker_id: str,
-        events: JobEvents | None = None,
+        events: JobEvents | None,
     ) -> None:
         """`events` sends each job's `finished` event with its result; without it, results
         and dead letters go alone."""

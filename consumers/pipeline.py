@@ -98,7 +98,7 @@ class RenderPipeline:
         finish_threads: int,
         stopping: threading.Event,
         is_current: Callable[[Job], bool],
-        lifecycle: Lifecycle | None = None,
+        lifecycle: Lifecycle,
     ) -> None:
         """`renderers` maps the model names that requests use to what renders them.
         `stopping` is set when the worker stops: retries give up, and jobs are released
@@ -112,7 +112,7 @@ class RenderPipeline:
         self._store_outage = Outage()
         self._stopping = stopping
         self._is_current = is_current
-        self._lifecycle = lifecycle or Lifecycle()
+        self._lifecycle = lifecycle
         self._claims: Claims[Job] = Claims(lambda job: object_key(job.request))
         self._batcher: Batcher[Job] = Batcher(_batch_key, max_batch, max_wait_s, _rank)
         self._checks = ThreadPoolExecutor(check_threads, "check")

@@ -47,7 +47,8 @@ RECORDS_PRODUCED = Counter(
 INTAKE_REQUESTS = Counter(
     "imagegen_intake_requests_total",
     "Requests decided by the intake processor, by outcome: admitted, duplicate, "
-    "publish_retry, rejected or invalid.",
+    "publish_retry, canceled, expired, rejected (rate-limited and overloaded among them) "
+    "or invalid.",
     ["outcome"],
 )
 RENDER_BATCH_SIZE = Histogram(

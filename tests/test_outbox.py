@@ -356,7 +356,9 @@ def test_a_failed_result_is_acknowledged_before_its_offset_finishes(
     outbox: Outbox, producer: FakeProducer, tmp_path: Path
 ) -> None:
     # The store is only a name here: a letter this small never spills.
-    outcomes = Outcomes(outbox, CrashLedger(tmp_path), ObjectStore(load_settings()), "worker-1")
+    outcomes = Outcomes(
+        outbox, CrashLedger(tmp_path), ObjectStore(load_settings()), "worker-1", events=None
+    )
     request = GenerationRequest.new(user_id="ann", prompt="a kite", width=64, height=64, steps=2)
     message = Message(
         topic=OFFSET.topic,

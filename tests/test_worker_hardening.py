@@ -17,6 +17,7 @@ from confluent_kafka import TIMESTAMP_CREATE_TIME, KafkaError, Message
 from imagegen.consumers.broker_errors import stops_the_worker, what_to_fix
 from imagegen.consumers.crashes import CrashLedger
 from imagegen.consumers.jobs import Job, Polled, now_ms
+from imagegen.consumers.lifecycle import Lifecycle
 from imagegen.consumers.models import load_pipeline
 from imagegen.consumers.pipeline import RenderPipeline
 from imagegen.consumers.rendering import Renderer
@@ -145,6 +146,7 @@ def test_a_job_whose_failure_cannot_be_told_stops_the_worker(tmp_path: Path) -> 
         finish_threads=1,
         stopping=stopping,
         is_current=lambda job: True,
+        lifecycle=Lifecycle(),
     )
     pipeline.start(on_crash=on_crash)
     pipeline.submit(_job(GenerationRequest.new(user_id="ann", prompt="p", model="nope", **SMALL)))
