@@ -98,6 +98,15 @@ class Settings(BaseSettings):
     # cache built models.
     state_dir: str = ".imagegen"
 
+    # The HTTP gateway (`imagegen gateway`): where it listens, how long a submission waits
+    # for the intake decision before it is answered 202 anyway, the largest request body,
+    # and how long the presigned image URLs it hands out stay valid.
+    gateway_host: str = "0.0.0.0"
+    gateway_port: int = Field(default=8080, ge=0, le=65535)
+    gateway_intake_wait_s: float = Field(default=5.0, gt=0, le=60)
+    gateway_max_body_bytes: int = Field(default=65_536, ge=1_024)
+    gateway_url_ttl_s: int = Field(default=600, ge=1, le=7 * 86_400)
+
     # Observability. A metrics port of 0 serves no metrics; each kind of process has its
     # own default port so that a processor and a worker can share a host.
     processor_metrics_port: int = Field(default=9464, ge=0, le=65535)

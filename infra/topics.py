@@ -24,6 +24,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, Resourc
 from imagegen.infra.settings import Settings
 from imagegen.schemas.errors import BrokerUnavailable
 from imagegen.schemas.topics import (
+    API_KEYS,
     CANCELLATIONS,
     DLQ,
     EVENTS,
@@ -61,6 +62,9 @@ TOPICS: tuple[TopicSpec, ...] = (
         3,
         {"cleanup.policy": "compact,delete", "retention.ms": str(7 * DAY_MS)},
     ),
+    # Every gateway loads all API keys at start-up; a key lives until revoked, and its
+    # revocation is its latest record, so nothing may be deleted but what compaction drops.
+    TopicSpec(API_KEYS, 1, {"cleanup.policy": "compact", "retention.ms": "-1"}),
     # Operators inspect and replay the DLQ, sometimes weeks later.
     TopicSpec(DLQ, 3, {"retention.ms": str(30 * DAY_MS)}),
 )

