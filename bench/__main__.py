@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import e2e, intake, machine, overload, render, report, startup
+from bench.command import exit_on_sigterm
 from imagegen.consumers.devices import resolve_device
 from imagegen.schemas.errors import ConfigError
 
@@ -215,8 +215,7 @@ def main() -> None:
             resolve_device("cuda")
         except ConfigError as error:
             sys.exit(f"--gpu needs a CUDA GPU: {error}")
-    # SIGTERM unwinds like Ctrl-C, so stacks and child processes are stopped on the way.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    exit_on_sigterm()
     scratch = Path(tempfile.mkdtemp(prefix="imagegen-bench-"))
     results = run_suite(mode, args.only, scratch)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from imagegen.schemas.errors import ImagegenError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+Dataclass = TypeVar("Dataclass", bound="DataclassInstance")
 
 
 def positive(value: str) -> int:
@@ -18,6 +26,17 @@ def positive(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"{value!r} is not a positive whole number")
     return int(value)
+
+
+def overridden(options: Dataclass, overrides: Mapping[str, Any]) -> Dataclass:
+    """`options` with the fields that `overrides` names, where the command line gave them (an
+    option not given parses as None, and keeps the default)."""
+    return replace(options, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so stacks and child processes are stopped on the way."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def run_alone(name: str, run: Callable[[Path], dict[str, object]], out: Path | None) -> None:

@@ -29,59 +29,40 @@ from __future__ import annotations
 
 import argparse
 import math
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
-from statistics import fmean, quantiles
+from statistics import fmean
 from typing import Any
 
-from bench.command import positive, run_alone
-from bench.intake import NO_LIMITS
-from bench.stack import child_env, private_stack
-from imagegen.cli.children import imagegen_child
-from imagegen.consumers.results import ResultSubscriber, ResultTimeout
-from imagegen.infra.settings import Settings
+from bench.command import exit_on_sigterm, overridden, positive, run_alone
+from bench.pipeline import (
+    RESULT_POLL_S,
+    OpenLoop,
+    Pipeline,
+    PipelineOptions,
+    add_worker_arguments,
+    percentiles,
+    running_pipeline,
+    schedule_start,
+    worker_overrides,
+)
 from imagegen.producers.publisher import RequestPublisher
 from imagegen.schemas import GenerationResult, Status, new_request_id
 from imagegen.schemas.errors import ImagegenError
 
-# Each read of the results waits at most this long, so a result is timed within it of its
-# arrival (a longer read would hold arrived results back until it ends).
-RESULT_POLL_S = 0.01
-PUBLISH_THREADS = 4
-
 
 @dataclass(frozen=True)
-class Options:
+class Options(PipelineOptions):
     rate_per_s: float = 20.0
     duration_s: float = 60.0
-    users: int = 10
-    model: str = "tiny"
-    device: str = "cpu"
-    width: int = 64
-    height: int = 64
     # One step keeps the render short enough that the worker, sharing a small CPU with
     # the broker, the store and the processor, keeps up at 20 requests/s with room to
     # spare: queueing behind a saturated model would swamp the pipeline's own overhead.
     steps: int = 1
-    # `imagegen worker`'s defaults: the batching wait a deployment gets belongs in its
-    # latency, and a shorter one would flatter the figures.
-    max_batch: int = 4
-    max_wait_ms: float = 10.0
-    # The worker renders on one core and leaves the other to the stack, as `--cpu-threads`
-    # advises for a shared host: with a thread per core, a render waits for whichever of its
-    # threads the broker, the store or the processor preempts.
-    cpu_threads: int = 1
-    # Covers building the tiny model on a busy machine.
-    warm_up_timeout_s: float = 300.0
     #: How long after the last publish the results still outstanding are awaited.
     drain_timeout_s: float = 60.0
     #: Windows measured in turn on the same pipeline, each `duration_s` long; the figures
@@ -114,34 +95,6 @@ class Received:
     at_wall: float
 
 
-# ---- child processes ------------------------------------------------------------------
-
-
-def start_pipeline(
-    settings: Settings, options: Options, logs: Path, cleanup: ExitStack
-) -> dict[str, tuple[subprocess.Popen, Path]]:
-    worker_args = [
-        *("worker", "--model", options.model, "--device", options.device),
-        *("--max-batch", str(options.max_batch), "--max-wait-ms", str(options.max_wait_ms)),
-        *("--cpu-threads", str(options.cpu_threads), "--log-level", "warning"),
-    ]
-    commands = {
-        "processor": (["processor", "--log-level", "warning"], child_env(settings, **NO_LIMITS)),
-        "worker": (worker_args, child_env(settings)),
-    }
-    started = {}
-    for name, (args, env) in commands.items():
-        log = logs / f"{name}.log"
-        started[name] = (cleanup.enter_context(imagegen_child(args, env, log)), log)
-    return started
-
-
-def check_alive(children: dict[str, tuple[subprocess.Popen, Path]]) -> None:
-    for name, (process, log) in children.items():
-        if process.poll() is not None:
-            raise RuntimeError(f"the {name} exited with {process.returncode}; log: {log}")
-
-
 # ---- publishing and collecting ---------------------------------------------------------
 
 
@@ -157,10 +110,7 @@ def request_fields(options: Options, user_id: str, prompt: str) -> dict[str, obj
 
 
 def collect(
-    subscriber: ResultSubscriber,
-    wanted: list[str],
-    children: dict[str, tuple[subprocess.Popen, Path]],
-    until: Callable[[], bool],
+    pipeline: Pipeline, wanted: list[str], until: Callable[[], bool]
 ) -> dict[str, Received]:
     """Results for `wanted` as they arrive, each timed on arrival, until all are in or
     `until()` says to stop waiting; the children must stay up all along."""
@@ -170,28 +120,19 @@ def collect(
         received.setdefault(result.request_id, Received(result, time.time()))
 
     while len(received) < len(wanted) and not until():
-        check_alive(children)
-        # A timeout only means nothing new within one poll: check children and clock again.
-        with suppress(ResultTimeout):
-            missing = [i for i in wanted if i not in received]
-            subscriber.wait_for(missing, RESULT_POLL_S, on_result=record)
+        pipeline.poll_results([i for i in wanted if i not in received], record)
     return received
 
 
-def warm_up(
-    subscriber: ResultSubscriber,
-    publisher: RequestPublisher,
-    options: Options,
-    children: dict[str, tuple[subprocess.Popen, Path]],
-) -> float:
+def warm_up(pipeline: Pipeline, options: Options) -> float:
     """Seconds until one request per user has come back succeeded."""
     started = time.monotonic()
     deadline = started + options.warm_up_timeout_s
     ids = [
-        publisher.publish(**request_fields(options, f"e2e-user-{u}", f"warm-up {u}"))
+        pipeline.publisher.publish(**request_fields(options, f"e2e-user-{u}", f"warm-up {u}"))
         for u in range(options.users)
     ]
-    received = collect(subscriber, ids, children, lambda: time.monotonic() > deadline)
+    received = collect(pipeline, ids, lambda: time.monotonic() > deadline)
     if len(received) < len(ids):
         raise RuntimeError(
             f"{len(ids) - len(received)} warm-up request(s) had no result within "
@@ -203,60 +144,23 @@ def warm_up(
     return time.monotonic() - started
 
 
-class OpenLoop:
-    """Publishes `sent` on its schedule from a background thread and a small pool."""
-
-    def __init__(self, publisher: RequestPublisher, options: Options, sent: list[Sent]) -> None:
-        self._publisher = publisher
-        self._options = options
-        self._sent = sent
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._schedule, name="e2e-schedule", daemon=True)
-        self.finished_at: float | None = None  # monotonic, once every publish returned
-
-    def __enter__(self) -> OpenLoop:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        """Stop publishing, so that a failed run leaves nothing behind."""
-        self._stopping.set()
-        self._thread.join()
-
-    def _schedule(self) -> None:
-        try:
-            with ThreadPoolExecutor(PUBLISH_THREADS, thread_name_prefix="e2e-publish") as pool:
-                for item in self._sent:
-                    # Pacing by the clock is the point of an open loop: wait for the slot.
-                    if self._stopping.wait(max(0.0, item.scheduled - time.perf_counter())):
-                        return
-                    pool.submit(self._publish, item)
-        finally:
-            self.finished_at = time.monotonic()
-
-    def _publish(self, item: Sent) -> None:
-        item.lag_ms = (time.perf_counter() - item.scheduled) * 1000
-        item.started_wall = time.time()
-        started = time.perf_counter()
-        fields = request_fields(self._options, item.user_id, f"e2e {item.request_id}")
-        try:
-            self._publisher.publish(request_id=item.request_id, **fields)
-        except ImagegenError as error:
-            item.error = f"{type(error).__name__}: {error}"
-            return
-        item.publish_ms = (time.perf_counter() - started) * 1000
-
-    def done_draining(self) -> bool:
-        """True once the results still missing have had `drain_timeout_s` after the last
-        publish returned."""
-        finished = self.finished_at
-        return finished is not None and time.monotonic() > finished + self._options.drain_timeout_s
+def publish(publisher: RequestPublisher, options: Options, item: Sent) -> None:
+    """Publish `item`, recording how late against its slot it began and how long it took."""
+    item.lag_ms = (time.perf_counter() - item.scheduled) * 1000
+    item.started_wall = time.time()
+    started = time.perf_counter()
+    fields = request_fields(options, item.user_id, f"e2e {item.request_id}")
+    try:
+        publisher.publish(request_id=item.request_id, **fields)
+    except ImagegenError as error:
+        item.error = f"{type(error).__name__}: {error}"
+        return
+    item.publish_ms = (time.perf_counter() - started) * 1000
 
 
 def schedule(options: Options) -> list[Sent]:
     count = round(options.rate_per_s * options.duration_s)
-    # A short lead keeps the first slot from being late by the time the thread starts.
-    t0 = time.perf_counter() + 0.1
+    t0 = schedule_start()
     return [
         Sent(new_request_id(), f"e2e-user-{i % options.users}", t0 + i / options.rate_per_s)
         for i in range(count)
@@ -264,18 +168,6 @@ def schedule(options: Options) -> list[Sent]:
 
 
 # ---- figures ---------------------------------------------------------------------------
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    if len(values) < 2:
-        return {}
-    cuts = quantiles(values, n=100, method="inclusive")
-    return {
-        "p50": round(cuts[49], 1),
-        "p95": round(cuts[94], 1),
-        "p99": round(cuts[98], 1),
-        "max": round(max(values), 1),
-    }
 
 
 def summarise(
@@ -365,17 +257,15 @@ def latency_row(item: Sent, got: Received) -> dict[str, float | None]:
 
 def run(options: Options, scratch: Path) -> dict[str, object]:
     """The benchmark; the children's logs go to `scratch`."""
-    with private_stack() as settings, ExitStack() as cleanup:
-        subscriber = cleanup.enter_context(ResultSubscriber(settings))
-        publisher = cleanup.enter_context(RequestPublisher(settings))
-        children = start_pipeline(settings, options, scratch, cleanup)
-        warm_up_s = warm_up(subscriber, publisher, options, children)
+    with running_pipeline(options, scratch) as pipeline:
+        warm_up_s = warm_up(pipeline, options)
+        send = partial(publish, pipeline.publisher, options)
         windows = []
         for _ in range(options.windows):
             sent = schedule(options)
-            with OpenLoop(publisher, options, sent) as loop:
+            with OpenLoop(sent, send, options.drain_timeout_s, "e2e") as loop:
                 wanted = [item.request_id for item in sent]
-                received = collect(subscriber, wanted, children, loop.done_draining)
+                received = collect(pipeline, wanted, loop.done_draining)
             windows.append(summarise(options, sent, received, warm_up_s))
     return median_window(windows)
 
@@ -413,13 +303,10 @@ def options_from(args: argparse.Namespace) -> Options:
         "duration_s": args.duration,
         "users": args.users,
         "steps": args.steps,
-        "max_batch": args.max_batch,
-        "max_wait_ms": args.max_wait_ms,
-        "device": args.device,
-        "cpu_threads": args.cpu_threads,
         "windows": args.windows,
+        **worker_overrides(args),
     }
-    return replace(options, **{k: v for k, v in overrides.items() if v is not None})
+    return overridden(options, overrides)
 
 
 def parse_args() -> argparse.Namespace:
@@ -429,18 +316,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="seconds of publishing (default 60)")
     parser.add_argument("--users", type=int, help="users the requests come from (default 10)")
     parser.add_argument("--steps", type=int, help="denoising steps per image (default 1)")
-    parser.add_argument("--max-batch", type=int, help="the worker's (default 4)")
-    parser.add_argument("--max-wait-ms", type=float, help="the worker's (default 10)")
-    parser.add_argument("--device", help="the worker's (default cpu)")
-    parser.add_argument("--cpu-threads", type=positive, help="the worker's (default 1)")
+    add_worker_arguments(parser)
     parser.add_argument("--windows", type=positive, help="measured in turn (default 3, quick 1)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     return parser.parse_args()
-
-
-def exit_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C, so the stack and the children are stopped on the way."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def main() -> None:

@@ -55,28 +55,34 @@ Run: `python -m bench.overload [--quick] [--duration S] [--load X]`. Prints one 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from statistics import median
 from typing import Any
 
 from confluent_kafka import KafkaError, Message, TopicPartition
 
-from bench.command import positive, run_alone
-from bench.e2e import PUBLISH_THREADS, RESULT_POLL_S, check_alive, exit_on_sigterm, percentiles
-from bench.intake import NO_LIMITS
-from bench.stack import child_env, private_stack
-from imagegen.cli.children import imagegen_child
-from imagegen.consumers.results import ResultSubscriber, ResultTimeout
+from bench.command import exit_on_sigterm, overridden, positive, run_alone
+from bench.pipeline import (
+    PUBLISH_THREADS,
+    RESULT_POLL_S,
+    OpenLoop,
+    Pipeline,
+    PipelineOptions,
+    add_worker_arguments,
+    percentiles,
+    running_pipeline,
+    schedule_start,
+    worker_overrides,
+)
 from imagegen.infra.kafka import consume_available, make_consumer, make_producer
 from imagegen.infra.settings import Settings
 from imagegen.producers.publisher import RequestPublisher
@@ -94,30 +100,18 @@ from imagegen.schemas import (
 from imagegen.schemas.errors import ImagegenError, InvalidMessage
 from imagegen.schemas.topics import CANCELLATIONS, EVENTS
 
-Children = dict[str, tuple[subprocess.Popen, Path]]
-
 #: The cancel latency target is one denoising step + this.
 CANCEL_ALLOWANCE_MS = 200.0
 
 
 @dataclass(frozen=True)
-class Options:
-    users: int = 10
-    model: str = "tiny"
-    device: str = "cpu"
-    width: int = 64
-    height: int = 64
+class Options(PipelineOptions):
     # On one core at 64x64, about 15-30 ms a step alone and 45-50 in a batch of 4 (measured
     # on a busy 2-core machine): a render of some substance, and a capacity of a few
     # requests per second, measurable in a few seconds.
     steps: int = 8
     #: The mid-render cancel samples' steps: long enough that the cancel lands mid-way.
     cancel_steps: int = 24
-    # `imagegen worker`'s defaults; one render thread leaves the other core to the stack
-    # (see bench/e2e.py).
-    max_batch: int = 4
-    max_wait_ms: float = 10.0
-    cpu_threads: int = 1
     #: Requests of the closed-loop burst that measures capacity.
     capacity_requests: int = 80
     #: Offered load over capacity.
@@ -130,7 +124,6 @@ class Options:
     batch_ttl_s: float = 10.0
     #: One request in this many is a mid-render cancel sample, another a queued one.
     cancel_every: int = 20
-    warm_up_timeout_s: float = 300.0
     #: After the last publish, answers are awaited for batch_ttl_s + this.
     drain_s: float = 30.0
 
@@ -202,28 +195,6 @@ class Track:
         }
 
 
-# ---- child processes ------------------------------------------------------------------
-
-
-def start_pipeline(
-    settings: Settings, options: Options, logs: Path, cleanup: ExitStack
-) -> Children:
-    worker_args = [
-        *("worker", "--model", options.model, "--device", options.device),
-        *("--max-batch", str(options.max_batch), "--max-wait-ms", str(options.max_wait_ms)),
-        *("--cpu-threads", str(options.cpu_threads), "--log-level", "warning"),
-    ]
-    commands = {
-        "processor": (["processor", "--log-level", "warning"], child_env(settings, **NO_LIMITS)),
-        "worker": (worker_args, child_env(settings)),
-    }
-    started = {}
-    for name, (args, env) in commands.items():
-        log = logs / f"{name}.log"
-        started[name] = (cleanup.enter_context(imagegen_child(args, env, log)), log)
-    return started
-
-
 # ---- publishing, results, events -------------------------------------------------------
 
 
@@ -240,12 +211,7 @@ def publish(publisher: RequestPublisher, options: Options, track: Track) -> None
     track.publish_ms = (time.perf_counter() - started) * 1000
 
 
-def collect(
-    subscriber: ResultSubscriber,
-    tracks: dict[str, Track],
-    children: Children,
-    until: Callable[[], bool],
-) -> None:
+def collect(pipeline: Pipeline, tracks: dict[str, Track], until: Callable[[], bool]) -> None:
     """Every result for `tracks` as it arrives, each timed on arrival, until each has one or
     `until()` says to stop waiting; the children must stay up all along. A request's later
     results are kept too: a second answer to one request is a failure."""
@@ -257,13 +223,10 @@ def collect(
 
     wanted = list(tracks)
     while not until():
-        check_alive(children)
         if all(track.results or track.error for track in tracks.values()):
             return
-        # Every id every time: `on_result` then sees a request's second answer too. A
-        # timeout only means not all are in yet.
-        with suppress(ResultTimeout):
-            subscriber.wait_for(wanted, RESULT_POLL_S, on_result=record)
+        # Every id every time: `on_result` then sees a request's second answer too.
+        pipeline.poll_results(wanted, record)
 
 
 def publish_all(publisher: RequestPublisher, options: Options, tracks: list[Track]) -> None:
@@ -273,20 +236,12 @@ def publish_all(publisher: RequestPublisher, options: Options, tracks: list[Trac
 
 
 def closed_loop(
-    subscriber: ResultSubscriber,
-    publisher: RequestPublisher,
-    options: Options,
-    tracks: list[Track],
-    children: Children,
-    timeout_s: float,
-    what: str,
+    pipeline: Pipeline, options: Options, tracks: list[Track], timeout_s: float, what: str
 ) -> None:
     """Publish `tracks` at once and wait until each has succeeded."""
     deadline = time.monotonic() + timeout_s
-    publish_all(publisher, options, tracks)
-    collect(
-        subscriber, {t.request_id: t for t in tracks}, children, lambda: time.monotonic() > deadline
-    )
+    publish_all(pipeline.publisher, options, tracks)
+    collect(pipeline, {t.request_id: t for t in tracks}, lambda: time.monotonic() > deadline)
     missing = [t for t in tracks if not t.results]
     if missing:
         raise RuntimeError(f"{len(missing)} {what} request(s) had no result within {timeout_s:g} s")
@@ -295,43 +250,6 @@ def closed_loop(
         raise RuntimeError(
             f"a {what} request did not succeed: {bad[0].status} {bad[0].reason} {bad[0].detail}"
         )
-
-
-class OpenLoop:
-    """Publishes `tracks` on their schedule from a background thread and a small pool."""
-
-    def __init__(self, publisher: RequestPublisher, options: Options, tracks: list[Track]) -> None:
-        self._publisher = publisher
-        self._options = options
-        self._tracks = tracks
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(
-            target=self._schedule, name="overload-schedule", daemon=True
-        )
-        self.finished_at: float | None = None  # monotonic, once every publish returned
-
-    def __enter__(self) -> OpenLoop:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stopping.set()
-        self._thread.join()
-
-    def _schedule(self) -> None:
-        try:
-            with ThreadPoolExecutor(PUBLISH_THREADS, thread_name_prefix="overload-publish") as pool:
-                for track in self._tracks:
-                    if self._stopping.wait(max(0.0, track.scheduled - time.perf_counter())):
-                        return
-                    pool.submit(publish, self._publisher, self._options, track)
-        finally:
-            self.finished_at = time.monotonic()
-
-    def done_draining(self) -> bool:
-        finished = self.finished_at
-        wait_s = self._options.batch_ttl_s + self._options.drain_s
-        return finished is not None and time.monotonic() > finished + wait_s
 
 
 class EventReader:
@@ -475,7 +393,7 @@ def steps_of(options: Options, role: Role | None) -> int:
 
 def overload_tracks(options: Options, rate_per_s: float) -> list[Track]:
     count = round(rate_per_s * options.duration_s)
-    t0 = time.perf_counter() + 0.1  # so the first slot is not late by the time the thread starts
+    t0 = schedule_start()
     tracks = []
     for i in range(count):
         role = role_of(options, i)
@@ -717,11 +635,10 @@ def _one(values: list[float]) -> dict[str, float]:
 def run(options: Options, scratch: Path) -> dict[str, object]:
     """The benchmark; the children's logs go to `scratch`."""
     watched: dict[str, Track] = {}  # what the event reader records, phase by phase
-    with private_stack() as settings, ExitStack() as cleanup:
-        subscriber = cleanup.enter_context(ResultSubscriber(settings))
-        publisher = cleanup.enter_context(RequestPublisher(settings))
-        reader = cleanup.enter_context(EventReader(settings, watched))
-        children = start_pipeline(settings, options, scratch, cleanup)
+    with (
+        running_pipeline(options, scratch) as pipeline,
+        EventReader(pipeline.settings, watched) as reader,
+    ):
 
         def phase(tracks: list[Track]) -> dict[str, Track]:
             by_id = {t.request_id: t for t in tracks}
@@ -731,32 +648,26 @@ def run(options: Options, scratch: Path) -> dict[str, object]:
         started = time.monotonic()
         warm_up = warm_up_tracks(options)
         phase(warm_up)
-        closed_loop(
-            subscriber,
-            publisher,
-            options,
-            warm_up,
-            children,
-            options.warm_up_timeout_s,
-            "warm-up",
-        )
+        closed_loop(pipeline, options, warm_up, options.warm_up_timeout_s, "warm-up")
         warm_up_s = time.monotonic() - started
         burst = capacity_tracks(options)
         phase(burst)
-        closed_loop(subscriber, publisher, options, burst, children, CAPACITY_TTL_S, "capacity")
+        closed_loop(pipeline, options, burst, CAPACITY_TTL_S, "capacity")
         capacity = capacity_of(burst)
         rate = options.load_factor * capacity["per_s"]
         tracks = overload_tracks(options, rate)
         by_id = phase(tracks)
-        with OpenLoop(publisher, options, tracks) as loop:
+        send = partial(publish, pipeline.publisher, options)
+        drain_s = options.batch_ttl_s + options.drain_s
+        with OpenLoop(tracks, send, drain_s, "overload") as loop:
 
             def done() -> bool:
                 reader.check()
                 return loop.done_draining()
 
-            collect(subscriber, by_id, children, done)
+            collect(pipeline, by_id, done)
         # A second answer to a request would come soon after the first.
-        collect(subscriber, by_id, children, _after(1.0))
+        collect(pipeline, by_id, _after(1.0))
         reader.check()
     return summarise(options, capacity, rate, tracks, warm_up, reader, warm_up_s)
 
@@ -774,10 +685,9 @@ def options_from(args: argparse.Namespace) -> Options:
         "capacity_requests": args.capacity_requests,
         "interactive_ttl_s": args.interactive_ttl,
         "batch_ttl_s": args.batch_ttl,
-        "device": args.device,
-        "cpu_threads": args.cpu_threads,
+        **worker_overrides(args),
     }
-    return replace(options, **{k: v for k, v in overrides.items() if v is not None})
+    return overridden(options, overrides)
 
 
 def parse_args() -> argparse.Namespace:
@@ -788,8 +698,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--capacity-requests", type=positive, help="the burst (default 80)")
     parser.add_argument("--interactive-ttl", type=float, help="seconds (default 2)")
     parser.add_argument("--batch-ttl", type=float, help="seconds (default 10)")
-    parser.add_argument("--device", help="the worker's (default cpu)")
-    parser.add_argument("--cpu-threads", type=positive, help="the worker's (default 1)")
+    add_worker_arguments(parser)
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     return parser.parse_args()
 

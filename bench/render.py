@@ -35,7 +35,7 @@ from statistics import fmean
 import torch
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-from bench.command import positive, run_alone
+from bench.command import overridden, positive, run_alone
 from bench.stack import child_env, private_stack
 from imagegen.cli.children import imagegen_child
 from imagegen.consumers.devices import resolve_device, resolve_dtype
@@ -367,7 +367,7 @@ def profile_from(args: argparse.Namespace) -> Profile:
         "max_wait_ms": args.max_wait_ms,
         "batch_sizes": args.batch_sizes,
     }
-    return replace(profile, **{k: v for k, v in overrides.items() if v is not None})
+    return overridden(profile, overrides)
 
 
 def batch_sizes(value: str) -> tuple[int, ...]:

@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: free ports, the command line, S3, and reading topics back."""
+"""Helpers shared by the tests: free ports, the command line, S3, and writing records onto
+topics and reading them back."""
 
 from __future__ import annotations
 
@@ -7,15 +8,25 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import boto3
 from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
 
-from imagegen.infra.kafka import make_consumer
+from imagegen.infra.kafka import make_consumer, make_producer
 from imagegen.infra.settings import Settings
-from imagegen.schemas import GenerationResult, decode
-from imagegen.schemas.topics import RESULTS
+from imagegen.schemas import (
+    CancelRequest,
+    GenerationRequest,
+    GenerationResult,
+    JobEvent,
+    decode,
+    encode,
+)
+from imagegen.schemas.topics import EVENTS, RESULTS
+
+#: What tests write onto topics themselves, in the pipeline's stead.
+Record = GenerationRequest | CancelRequest | JobEvent | GenerationResult
 
 
 def imagegen(stack: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -46,6 +57,16 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def produce(stack: Settings, topic: str, records: Iterable[Record]) -> None:
+    """Write `records` onto `topic`, keyed as the pipeline keys them, and wait until the
+    broker has them all: a test that writes in the pipeline's stead (a processor that
+    admits, a user who cancels) then reads what follows from a known start."""
+    producer = make_producer(stack)
+    for record in records:
+        producer.produce(topic, key=record.kafka_key, value=encode(record))
+    assert producer.flush(30) == 0
 
 
 def read_topic(
@@ -91,4 +112,25 @@ def results_for(
         return expected <= found.keys()
 
     read_topic(settings, RESULTS, answered, timeout_s)
+    return found
+
+
+def events_until(
+    settings: Settings,
+    until: Callable[[dict[str, list[JobEvent]]], bool],
+    timeout_s: float = 120,
+) -> dict[str, list[JobEvent]]:
+    """Every event on imagegen.events by request id, in order, read until `until` holds."""
+    found: dict[str, list[JobEvent]] = {}
+    scanned = 0
+
+    def enough(messages: list[Message]) -> bool:
+        nonlocal scanned
+        for message in messages[scanned:]:
+            event = decode(JobEvent, message.value())
+            found.setdefault(event.request_id, []).append(event)
+        scanned = len(messages)
+        return until(found)
+
+    read_topic(settings, EVENTS, enough, timeout_s)
     return found

@@ -12,7 +12,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaException, Message, TopicPartition
@@ -41,9 +40,10 @@ from imagegen.schemas.topics import (
     RESULTS,
     WORKER_GROUP,
 )
-from tests.helpers import read_topic, results_for
-from tests.processes import Service
-from tests.test_processor import start_processor
+from tests import test_processor
+from tests.helpers import events_until, produce, read_topic, results_for
+
+processor_factory = test_processor.processor_factory  # the fixture, shared
 
 # ---- the decision, as logic --------------------------------------------------------------
 
@@ -275,30 +275,10 @@ def test_a_stale_reading_estimates_nothing() -> None:
 # ---- the processor, against the broker ---------------------------------------------------
 
 
-@pytest.fixture
-def processor(isolated_stack: Settings, tmp_path: Path) -> Iterator:
-    started: list[Service] = []
-
-    def start(**env: str) -> Service:
-        service = start_processor(isolated_stack, tmp_path, **env)
-        started.append(service)
-        return service
-
-    yield start
-    for service in started:
-        service.stop()
-
-
 def events_for(stack: Settings, expected: set[str], timeout_s: float = 120) -> list[JobEvent]:
     """The job events of the `expected` requests, read until each has one."""
-    seen: list[JobEvent] = []
-
-    def all_there(messages: list[Message]) -> bool:
-        seen[:] = [decode(JobEvent, m.value()) for m in messages]
-        return expected <= {event.request_id for event in seen}
-
-    read_topic(stack, EVENTS, all_there, timeout_s)
-    return [event for event in seen if event.request_id in expected]
+    found = events_until(stack, lambda found: expected <= found.keys(), timeout_s)
+    return [event for request_id in expected for event in found[request_id]]
 
 
 def queued_ids(stack: Settings, topic: str, expected: set[str]) -> list[str]:
@@ -314,14 +294,11 @@ def queued_ids(stack: Settings, topic: str, expected: set[str]) -> list[str]:
 
 
 def publish_cancellations(stack: Settings, cancels: list[CancelRequest]) -> None:
-    producer = make_producer(stack)
-    for cancel in cancels:
-        producer.produce(CANCELLATIONS, key=cancel.kafka_key, value=encode(cancel))
-    assert producer.flush(30) == 0
+    produce(stack, CANCELLATIONS, cancels)
 
 
 def test_the_processor_ends_canceled_and_expired_requests_and_routes_by_priority(
-    processor,
+    processor_factory,
     isolated_stack: Settings,
 ) -> None:
     canceled = GenerationRequest.new(user_id="ann", prompt="canceled")
@@ -339,7 +316,7 @@ def test_the_processor_ends_canceled_and_expired_requests_and_routes_by_priority
             CancelRequest.new(request_id=foreign.request_id, user_id="mallory"),
         ],
     )
-    service = processor()
+    service = processor_factory()
     with RequestPublisher(isolated_stack) as publisher:
         for record in (canceled, foreign, expired, batch, interactive):
             publisher.publish(record)
@@ -476,19 +453,16 @@ def short_lived(publisher: RequestPublisher, life_s: float) -> GenerationRequest
 def backlog(isolated_stack: Settings) -> Iterator[list[GenerationRequest]]:
     """80 requests already queued for the fleet, as a processor would have admitted them."""
     queued = [GenerationRequest.new(user_id=f"u{i % 7}", prompt=f"{i}") for i in range(80)]
-    producer = make_producer(isolated_stack)
-    for record in queued:
-        producer.produce(RENDER, key=record.kafka_key, value=encode(record))
-    assert producer.flush(30) == 0
+    produce(isolated_stack, RENDER, queued)
     yield queued
 
 
 def test_an_overloaded_rejection_says_truly_when_to_retry(
-    processor,
+    processor_factory,
     isolated_stack: Settings,
     backlog: list[GenerationRequest],
 ) -> None:
-    processor(rate_user_per_s="1000", rate_user_burst="1000")
+    processor_factory(rate_user_per_s="1000", rate_user_burst="1000")
     with RequestPublisher(isolated_stack) as publisher:
         # Up and deciding, with no throughput measured yet: admitted however long the queue.
         first = short_lived(publisher, life_s=600.0)

@@ -22,7 +22,6 @@ from imagegen.consumers.lifecycle import CanceledMidRender, Lifecycle
 from imagegen.consumers.priority import FetchGate, rank, unread
 from imagegen.consumers.progress import ProgressThrottle
 from imagegen.consumers.storage import find, object_key
-from imagegen.infra.kafka import make_producer
 from imagegen.infra.object_store import ObjectStore
 from imagegen.infra.settings import Settings
 from imagegen.infra.tracing import start_span
@@ -33,14 +32,12 @@ from imagegen.schemas import (
     JobEvent,
     Reason,
     Status,
-    decode,
-    encode,
 )
 from imagegen.schemas.events import EventType
 from imagegen.schemas.fields import utc_now
-from imagegen.schemas.topics import CANCELLATIONS, EVENTS, RENDER, RENDER_BATCH
+from imagegen.schemas.topics import CANCELLATIONS, RENDER, RENDER_BATCH
 from tests import test_worker
-from tests.helpers import read_topic, results_for
+from tests.helpers import events_until, produce, results_for
 from tests.test_worker import SMALL
 
 worker_factory = test_worker.worker_factory  # the fixture, shared
@@ -52,10 +49,7 @@ TIMEOUT_S = 240
 
 def submit_to(stack: Settings, topic: str, requests: list[GenerationRequest]) -> None:
     """Put requests straight on a render topic, as the processor admits them."""
-    producer = make_producer(stack)
-    for request in requests:
-        producer.produce(topic, key=request.kafka_key, value=encode(request))
-    assert producer.flush(30) == 0
+    produce(stack, topic, requests)
 
 
 def cancel(stack: Settings, request: GenerationRequest, user_id: str | None = None) -> None:
@@ -63,28 +57,7 @@ def cancel(stack: Settings, request: GenerationRequest, user_id: str | None = No
     cancellation = CancelRequest.new(
         request_id=request.request_id, user_id=user_id or request.user_id
     )
-    producer = make_producer(stack)
-    producer.produce(CANCELLATIONS, key=cancellation.kafka_key, value=encode(cancellation))
-    assert producer.flush(30) == 0
-
-
-def events_until(
-    stack: Settings, until: Callable[[dict[str, list[JobEvent]]], bool]
-) -> dict[str, list[JobEvent]]:
-    """Every event on imagegen.events by request id, in order, read until `until` holds."""
-    found: dict[str, list[JobEvent]] = {}
-    scanned = 0
-
-    def enough(messages: list[Any]) -> bool:
-        nonlocal scanned
-        for message in messages[scanned:]:
-            event = decode(JobEvent, message.value())
-            found.setdefault(event.request_id, []).append(event)
-        scanned = len(messages)
-        return until(found)
-
-    read_topic(stack, EVENTS, enough, TIMEOUT_S)
-    return found
+    produce(stack, CANCELLATIONS, [cancellation])
 
 
 def has(request: GenerationRequest, type_: EventType) -> Callable[[dict], bool]:
@@ -123,7 +96,7 @@ def test_a_cancel_mid_render_stops_the_batch_and_its_mate_renders_again(
     mate = GenerationRequest.new(user_id="bob", prompt="a harbour", **SLOW)
     submit_to(isolated_stack, RENDER, [doomed, mate])  # waiting together: one batch
     worker_factory("--max-batch", "2", "--max-wait-ms", "30000")
-    events_until(isolated_stack, has(doomed, EventType.PROGRESS))
+    events_until(isolated_stack, has(doomed, EventType.PROGRESS), TIMEOUT_S)
     # Queued behind the batch (another size), and canceled there.
     queued = GenerationRequest.new(user_id="cy", prompt="a buoy", **SMALL)
     submit_to(isolated_stack, RENDER, [queued])
@@ -152,7 +125,7 @@ def test_a_cancel_mid_render_stops_the_batch_and_its_mate_renders_again(
     assert find(store, object_key(doomed)) is None and find(store, object_key(queued)) is None
     assert find(store, object_key(mate)) is not None
 
-    events = events_until(isolated_stack, finished(doomed, mate, queued))
+    events = events_until(isolated_stack, finished(doomed, mate, queued), TIMEOUT_S)
     assert_told_in_order(events[doomed.request_id], Status.CANCELED, 100)
     assert assert_told_in_order(events[mate.request_id], Status.SUCCEEDED, 100)[-1] == 100
     assert [e.type for e in events[queued.request_id]] == [EventType.FINISHED]
@@ -192,7 +165,7 @@ def test_foreign_and_late_cancellations_change_nothing_and_deadlines_expire_in_t
     found = results_for(isolated_stack, {after.request_id}, TIMEOUT_S)
     assert [r.status for r in found[kept.request_id]] == [Status.SUCCEEDED]
     assert find(ObjectStore(isolated_stack), object_key(kept)) is not None
-    events = events_until(isolated_stack, finished(kept, late, after))
+    events = events_until(isolated_stack, finished(kept, late, after), TIMEOUT_S)
     assert [e.type for e in events[late.request_id]] == [EventType.FINISHED]
     assert_told_in_order(events[kept.request_id], Status.SUCCEEDED, SMALL["steps"])
 
@@ -204,7 +177,7 @@ def test_batch_work_waits_behind_interactive_work(worker_factory, isolated_stack
     holder = GenerationRequest.new(user_id="ann", prompt="hold the device", **{**SLOW, "steps": 60})
     submit_to(isolated_stack, RENDER, [holder])
     worker_factory("--max-batch", "1")
-    events_until(isolated_stack, has(holder, EventType.STARTED))
+    events_until(isolated_stack, has(holder, EventType.STARTED), TIMEOUT_S)
     # While the holder renders: batch work first, then interactive work.
     batch = [
         GenerationRequest.new(user_id=f"b{i}", prompt=f"bulk {i}", priority="batch", **SMALL)
@@ -219,7 +192,7 @@ def test_batch_work_waits_behind_interactive_work(worker_factory, isolated_stack
     everyone = [holder, *batch, *interactive]
     found = results_for(isolated_stack, {r.request_id for r in everyone}, TIMEOUT_S)
     assert all(the_result(found, r).status is Status.SUCCEEDED for r in everyone)
-    events = events_until(isolated_stack, finished(*everyone))
+    events = events_until(isolated_stack, finished(*everyone), TIMEOUT_S)
     started = {
         request_id: next(e.at for e in told if e.type is EventType.STARTED)
         for request_id, told in events.items()
