@@ -1,29 +1,40 @@
-"""The object store (MinIO, or any S3) holding rendered images.
+"""The object store (MinIO, or any S3) holding rendered images, and the gateway's job store.
 
-Writes are conditional: `put_if_absent` sends `If-None-Match: *`, so a retried or duplicated
-render can never create a second object or replace the first. minio-py's `put_object` cannot
-send that header (it turns unknown headers into `x-amz-meta-*` metadata), so the write goes
-through a presigned PUT URL, which minio-py signs with its public API, sent with urllib3.
+Image writes are conditional: `put_if_absent` sends `If-None-Match: *`, so a retried or
+duplicated render can never create a second object or replace the first. minio-py's
+`put_object` cannot send that header (it turns unknown headers into `x-amz-meta-*`
+metadata), so the write goes through a presigned PUT URL, which minio-py signs with its
+public API, sent with urllib3. Documents that a later write should replace (the job store's
+latest result) go through `put`.
+
+`ensure_expiry` sets the bucket's lifecycle rules that delete what the job store keeps once
+it is older than its retention.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Iterator
+import io
+import itertools
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import urllib3
 from minio import Minio
+from minio.commonconfig import ENABLED, Filter
 from minio.error import MinioException, S3Error
+from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 from urllib3.exceptions import HTTPError
 
 from imagegen.infra.settings import Settings
 from imagegen.schemas.errors import ObjectStoreError, ObjectStoreUnavailable
 
 _PUT_URL_TTL = timedelta(minutes=5)
+#: S3 answers a listing with at most this many keys.
+MAX_LIST_KEYS = 1000
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,13 @@ class ObjectStore:
             f"(HTTP {response.status}): {detail}"
         )
 
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Write `data` at `key`, replacing any object there."""
+        with _errors_translated(self.endpoint, f"write {key}"):
+            self._client.put_object(
+                self.bucket, key, io.BytesIO(data), len(data), content_type=content_type
+            )
+
     def stat(self, key: str) -> StoredObject | None:
         """The object's metadata, or None when there is no object at `key`."""
         with _errors_translated(self.endpoint, f"look up {key}"):
@@ -124,6 +142,39 @@ class ObjectStore:
                 response.close()
                 response.release_conn()
 
+    def get_if_present(self, key: str) -> bytes | None:
+        """The object's bytes, or None when there is no object at `key`."""
+        with _errors_translated(self.endpoint, f"read {key}"):
+            try:
+                response = self._client.get_object(self.bucket, key)
+            except S3Error as exc:
+                if exc.code in ("NoSuchKey", "NoSuchObject"):
+                    return None
+                raise
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+    def list_keys(self, prefix: str, start_after: str | None, limit: int) -> list[str]:
+        """Up to `limit` (at most `MAX_LIST_KEYS`) keys under `prefix` that sort after
+        `start_after`, in key order: one LIST request.
+
+        minio-py's public `list_objects` asks for pages of 1,000 keys whatever the caller
+        needs; `_list_objects`, which it wraps, takes the page size, so a page of 21 keys
+        costs 21 keys' worth of XML, not 1,000 (minio is pinned below 8 in pyproject.toml).
+        Taking no more than one page's keys, the generator never asks for a second page.
+        """
+        if not 1 <= limit <= MAX_LIST_KEYS:
+            raise ValueError(f"limit must be 1 to {MAX_LIST_KEYS} (got {limit})")
+        with _errors_translated(self.endpoint, f"list {prefix}"):
+            objects = self._client._list_objects(
+                self.bucket, prefix=prefix, start_after=start_after, max_keys=limit
+            )
+            page = itertools.islice(objects, limit)
+            return [obj.object_name for obj in page if obj.object_name is not None]
+
     def presigned_url(self, key: str, expires: timedelta = timedelta(hours=1)) -> str:
         """A URL anyone holding it can GET the object from, until it expires."""
         return self._client.presigned_get_object(self.bucket, key, expires=expires)
@@ -136,6 +187,33 @@ class ObjectStore:
     def bucket_exists(self) -> bool:
         with _errors_translated(self.endpoint, f"look up bucket {self.bucket}"):
             return self._client.bucket_exists(self.bucket)
+
+    def ensure_expiry(self, prefixes: Sequence[str], days: int) -> bool:
+        """Have the bucket delete objects under each of `prefixes` `days` after they were
+        written; return whether the lifecycle rules changed.
+
+        One rule per prefix, named `imagegen-expire-<prefix>`. A bucket's lifecycle rules
+        are one document: the bucket's other rules (an operator's own) are kept as they are.
+        """
+        wanted = [
+            Rule(
+                ENABLED,
+                rule_filter=Filter(prefix=prefix),
+                rule_id=f"imagegen-expire-{prefix.strip('/')}",
+                expiration=Expiration(days=days),
+            )
+            for prefix in prefixes
+        ]
+        action = f"set the lifecycle rules of bucket {self.bucket}"
+        with _errors_translated(self.endpoint, action):
+            current = self._client.get_bucket_lifecycle(self.bucket)
+            rules = [] if current is None else current.rules
+            if all(rule in rules for rule in wanted):
+                return False
+            ours = {rule.rule_id for rule in wanted}
+            kept = [rule for rule in rules if rule.rule_id not in ours]
+            self._client.set_bucket_lifecycle(self.bucket, LifecycleConfig([*kept, *wanted]))
+            return True
 
 
 @contextmanager
