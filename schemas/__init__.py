@@ -3,6 +3,7 @@
 JSON Schema files generated from these models live in `schemas/json/` (`make schemas`).
 """
 
+from imagegen.schemas.api_keys import ApiKeyRecord, hash_key, key_id_of, mint_key
 from imagegen.schemas.cancellations import CancelRequest
 from imagegen.schemas.codec import MAX_MESSAGE_BYTES, build, decode, encode
 from imagegen.schemas.dead_letters import DeadLetter, Stage
@@ -14,6 +15,7 @@ from imagegen.schemas.results import GenerationResult, Reason, Status, Timings
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "SCHEMA_VERSION",
+    "ApiKeyRecord",
     "CancelRequest",
     "DeadLetter",
     "EventType",
@@ -29,5 +31,8 @@ __all__ = [
     "build",
     "decode",
     "encode",
+    "hash_key",
+    "key_id_of",
+    "mint_key",
     "new_request_id",
 ]

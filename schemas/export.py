@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from imagegen.schemas.api_keys import ApiKeyRecord
 from imagegen.schemas.cancellations import CancelRequest
 from imagegen.schemas.codec import MAX_MESSAGE_BYTES
 from imagegen.schemas.events import JobEvent
@@ -19,6 +20,7 @@ CONTRACTS: dict[str, type[BaseModel]] = {
     "generation_result.v1.json": GenerationResult,
     "job_event.v1.json": JobEvent,
     "cancel_request.v1.json": CancelRequest,
+    "api_key.v1.json": ApiKeyRecord,
 }
 
 

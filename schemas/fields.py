@@ -59,6 +59,10 @@ NO_NUL_PATTERN: Final = _whole(r"[^\x00]*")
 MODEL_PATTERN: Final = _whole(r"(?!(?:.*/)?\.\.(?:/|$))[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
 IDEMPOTENCY_KEY_PATTERN: Final = _whole(r"[^\x00-\x1f\x7f]{1,128}")
 SHA256_PATTERN: Final = _whole(r"[0-9a-f]{64}")
+API_KEY_ID_PATTERN: Final = _whole(r"[a-z0-9]{12}")
+# Any character but a control one (Unicode Cc); the length is `maxLength`'s, which counts
+# code points in every engine (a regex count would count UTF-16 units in ECMA-262).
+LABEL_PATTERN: Final = _whole(r"[^\x00-\x1f\x7f-\x9f]+")
 DATE_TIME_PATTERN: Final = _whole(
     rf"{_YEAR_RANGE}(?:[0-9]{{4}}-(?:{_MONTH_DAY})|(?:{_LEAP_YEAR})-02-29)T{_TIME}(?:{_OFFSET})"
 )
@@ -75,6 +79,8 @@ PATTERN_HELP: Final = {
     "starting with a letter or digit, with no '..' path segment",
     IDEMPOTENCY_KEY_PATTERN.pattern: "must be 1-128 characters, none of them control characters",
     SHA256_PATTERN.pattern: "must be 64 lowercase hex digits",
+    API_KEY_ID_PATTERN.pattern: "must be 12 lowercase letters or digits",
+    LABEL_PATTERN.pattern: "must not be empty nor contain control characters",
 }
 
 

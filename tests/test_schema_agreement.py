@@ -1,5 +1,5 @@
 """The published JSON Schemas say yes exactly when `decode` does, for requests, results, job
-events and cancellations.
+events, cancellations and API key records.
 
 Documents come from two sides: valid ones built from the models' rules (both must accept them),
 and near misses, each a valid document with one mutation (a character inserted, a number
@@ -28,6 +28,7 @@ from jsonschema import Draft202012Validator
 from pydantic import BaseModel
 
 from imagegen.schemas import (
+    ApiKeyRecord,
     CancelRequest,
     EventType,
     GenerationRequest,
@@ -48,6 +49,7 @@ SCHEMAS = {
     GenerationResult: json.loads((JSON_DIR / "generation_result.v1.json").read_text()),
     JobEvent: json.loads((JSON_DIR / "job_event.v1.json").read_text()),
     CancelRequest: json.loads((JSON_DIR / "cancel_request.v1.json").read_text()),
+    ApiKeyRecord: json.loads((JSON_DIR / "api_key.v1.json").read_text()),
 }
 PLAIN = {model: Draft202012Validator(schema) for model, schema in SCHEMAS.items()}
 WITH_FORMATS = {
@@ -642,3 +644,68 @@ def test_cancellations_one_mutation_away_get_one_verdict(
 ) -> None:
     assert assert_agree(CancelRequest, document) is True
     assert_agree(CancelRequest, mutate(document, data))
+
+
+# API key records (issue 16).
+
+
+def api_key(**changes: object) -> Document:
+    document: Document = {
+        "key_id": "k3y0000000id",
+        "user_id": "alice",
+        "name": "laptop",
+        "key_sha256": "ab" * 32,
+        "created_at": "2026-11-21T10:00:00Z",
+    }
+    document.update(changes)
+    return document
+
+
+@pytest.mark.parametrize(
+    ("changes", "accepted"),
+    [
+        ({}, True),
+        ({"name": None, "revoked_at": None}, True),
+        ({"revoked_at": "2026-11-22T10:00:00.5+01:00"}, True),
+        ({"key_id": "K3Y0000000ID"}, False),
+        ({"key_id": "k3y0000000i"}, False),
+        ({"key_id": "k3y0000000id\n"}, False),
+        ({"key_sha256": "AB" * 32}, False),
+        ({"name": ""}, False),
+        ({"name": "n" * 100}, True),
+        ({"name": "n" * 101}, False),
+        ({"name": "\U0001f600" * 100}, True),  # code points, not UTF-16 units
+        ({"name": "build box #7, caf\u00e9"}, True),
+        ({"name": "a\tb"}, False),
+        ({"name": "a\x7fb"}, False),
+        ({"name": "a\x85b"}, False),
+        ({"name": "a\u2028b"}, True),  # a separator, not a control character
+        ({"user_id": "al ice"}, False),
+        ({"revoked_at": "yesterday"}, False),
+        ({"token": "igk_k3y0000000id_" + "a" * 43}, False),
+    ],
+)
+def test_near_misses_of_api_keys(changes: Document, accepted: bool) -> None:
+    assert assert_agree(ApiKeyRecord, api_key(**changes)) is accepted
+
+
+valid_api_keys = documents(
+    schema_version=optional(st.sampled_from([1, 1.0]), nullable=False),
+    key_id=st.from_regex(r"[a-z0-9]{12}", fullmatch=True),
+    user_id=user_ids,
+    name=optional(
+        st.text(st.characters(exclude_categories=["Cs", "Cc"]), min_size=1, max_size=100)
+    ),
+    key_sha256=st.from_regex(r"[0-9a-f]{64}", fullmatch=True),
+    created_at=timestamps(),
+    revoked_at=optional(timestamps()),
+)
+
+
+@SOME
+@given(valid_api_keys, st.data())
+def test_api_keys_one_mutation_away_get_one_verdict(
+    document: Document, data: st.DataObject
+) -> None:
+    assert assert_agree(ApiKeyRecord, document) is True
+    assert_agree(ApiKeyRecord, mutate(document, data))

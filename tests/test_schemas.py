@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from imagegen.schemas import (
     MAX_MESSAGE_BYTES,
+    ApiKeyRecord,
     GenerationRequest,
     GenerationResult,
     Reason,
@@ -20,6 +21,9 @@ from imagegen.schemas import (
     Timings,
     decode,
     encode,
+    hash_key,
+    key_id_of,
+    mint_key,
 )
 from imagegen.schemas.errors import InvalidMessage
 from imagegen.schemas.export import CONTRACTS, JSON_DIR, render
@@ -305,3 +309,14 @@ def test_rate_limited_and_duplicate_results_are_valid() -> None:
     )
     for result in (limited, duplicate):
         assert decode(GenerationResult, encode(result)) == result
+
+
+def test_an_api_key_record_matches_the_published_schema() -> None:
+    token = mint_key()
+    record = ApiKeyRecord.new(
+        key_id=key_id_of(token), user_id="alice", name="ci", key_sha256=hash_key(token)
+    )
+    schema = json.loads((JSON_DIR / "api_key.v1.json").read_text())
+    for each in (record, record.revoked()):
+        jsonschema.validate(json.loads(encode(each)), schema)
+        assert decode(ApiKeyRecord, encode(each)) == each
