@@ -14,6 +14,8 @@ from rich.table import Table
 from imagegen.cli.cancel import cancel
 from imagegen.cli.dlq import dlq_app
 from imagegen.cli.extras import require_extras
+from imagegen.cli.gateway import gateway
+from imagegen.cli.keys import keys_app
 from imagegen.cli.processor import processor
 from imagegen.cli.results import fetch, results
 from imagegen.cli.status import pipeline_status
@@ -40,11 +42,13 @@ stack_app = typer.Typer(
 )
 app.add_typer(stack_app, name="stack")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(keys_app, name="keys")
 app.command("submit")(submit)
 app.command("watch")(watch)
 app.command("cancel")(cancel)
 app.command("processor")(processor)
 app.command("worker")(worker)
+app.command("gateway")(gateway)
 app.command("results")(results)
 app.command("fetch")(fetch)
 app.command("status")(pipeline_status)

@@ -1,0 +1,260 @@
+"""`POST /v1/images/generations`: from a body to a published request and the intake's decision.
+
+1. The body is checked here, whole, before anything is published: a bad one is 422 with
+   every bad field, and the key decides the user (a body naming `user_id` is 422).
+2. The request id: with an `Idempotency-Key`, the uuid5 of (user, key), so every instance
+   and every retry arrive at the same id, and the job store's `job.json` (first write wins)
+   tells a replay; without one, a new ULID.
+3. A replay with the same body (the sha256 of its canonical JSON) is the stored job; when
+   that has no result yet it is published again, which the processor drops as a publish
+   retry of an admitted request, or admits when the first never arrived. Another body is
+   422 `idempotency-key-mismatch`.
+4. Otherwise it is published (acks=all) while the event hub watches for the decision: an
+   `admitted`, `started` or `progress` event, or a result. The job is stored once decided,
+   or once `gateway_intake_wait_s` passed without a decision (it is queued then), and
+   before the answer: a client that reads the answer can read the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from imagegen.gateway.hub import Watch
+from imagegen.gateway.job_store import JobRecord
+from imagegen.gateway.problems import Problem
+from imagegen.gateway.services import Services, blocking
+from imagegen.gateway.views import Job
+from imagegen.schemas import GenerationRequest, OutputFormat, Priority, Reason
+from imagegen.schemas.errors import BrokerUnavailable, InvalidMessage, PublishError
+from imagegen.schemas.fields import IDEMPOTENCY_KEY_PATTERN, PATTERN_HELP, UtcDatetime, utc_now
+
+#: The namespace of request ids made from idempotency keys (uuid5): fixed forever.
+IDEMPOTENCY_NAMESPACE = uuid.UUID("5b0e4d4e-8a8f-4d8e-9a43-51f1f2a0c6b1")
+MAX_WAIT_S = 60.0
+_REQUEST_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "model",
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+    "seed",
+    "output_format",
+    "priority",
+    "expires_at",
+)
+
+
+class SubmitBody(BaseModel):
+    """The body of a submission (for the API description; `parse_body` checks it against
+    the request contract itself)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(max_length=2000)
+    negative_prompt: str | None = Field(default=None, max_length=2000)
+    model: str = "tiny"
+    width: int = Field(default=512, ge=64, le=2048, multiple_of=8)
+    height: int = Field(default=512, ge=64, le=2048, multiple_of=8)
+    steps: int = Field(default=25, ge=1, le=100)
+    guidance_scale: float = Field(default=7.5, ge=0, le=30)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    output_format: OutputFormat = "png"
+    priority: Priority = "interactive"
+    ttl_s: float | None = Field(default=None, gt=0, description="Expire this long from now.")
+    expires_at: UtcDatetime | None = Field(default=None, description="Or expire at this time.")
+
+
+_ALLOWED = frozenset(SubmitBody.model_fields)
+
+
+@dataclass(frozen=True)
+class Submission:
+    request: GenerationRequest
+    body_sha256: str
+
+
+def invalid(errors: list[tuple[str, str]]) -> Problem:
+    listed = [{"loc": ["body", *filter(None, [field])], "msg": msg} for field, msg in errors]
+    summary = "; ".join(f"{field or 'body'}: {msg}" for field, msg in errors)
+    return Problem("invalid-request", summary, errors=listed)
+
+
+def parse_body(
+    raw: bytes, user_id: str, idempotency_key: str | None, default_ttl_s: float
+) -> Submission:
+    """The request a body asks for, as `user_id`; raises the 422 problem naming every bad
+    field."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise invalid([("", f"not valid UTF-8 JSON ({exc})")]) from None
+    if not isinstance(body, dict):
+        raise invalid([("", "must be a JSON object")])
+    errors = [
+        (
+            name,
+            "not allowed: your API key decides the user"
+            if name == "user_id"
+            else f"unknown field (allowed: {', '.join(sorted(_ALLOWED))})",
+        )
+        for name in body
+        if name not in _ALLOWED
+    ]
+    fields: dict[str, Any] = {name: body[name] for name in _REQUEST_FIELDS if name in body}
+    now = utc_now()
+    ttl_s = body.get("ttl_s")
+    if ttl_s is not None:
+        if "expires_at" in body:
+            errors.append(("ttl_s", "give ttl_s or expires_at, not both"))
+        elif isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float) or not ttl_s > 0:
+            errors.append(("ttl_s", "must be a number of seconds greater than 0"))
+        elif not math.isfinite(ttl_s) or ttl_s > 365 * 86_400:
+            errors.append(("ttl_s", "must be at most a year (31536000 seconds)"))
+        else:
+            fields["expires_at"] = now + timedelta(seconds=ttl_s)
+    elif "expires_at" not in body:
+        fields["expires_at"] = now + timedelta(seconds=default_ttl_s)
+    if idempotency_key is not None:
+        if not IDEMPOTENCY_KEY_PATTERN.search(idempotency_key):
+            raise Problem(
+                "invalid-request",
+                f"Idempotency-Key {PATTERN_HELP[IDEMPOTENCY_KEY_PATTERN.pattern]}",
+                errors=[{"loc": ["header", "Idempotency-Key"], "msg": "invalid"}],
+            )
+        fields["idempotency_key"] = idempotency_key
+        fields["request_id"] = str(
+            uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{user_id}\x1f{idempotency_key}")
+        )
+    try:
+        request = GenerationRequest.new(user_id=user_id, submitted_at=now, **fields)
+    except InvalidMessage as exc:
+        errors.extend(exc.problems)
+        raise invalid(errors) from None
+    if errors:
+        raise invalid(errors)
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return Submission(request, hashlib.sha256(canonical.encode()).hexdigest())
+
+
+def prefer_wait(prefer: str | None) -> float | None:
+    """The `wait=N` of a Prefer header (0 < N <= 60), or None; other preferences are ignored."""
+    for preference in (prefer or "").split(","):
+        name, _, value = preference.strip().partition("=")
+        if name.strip().lower() != "wait":
+            continue
+        try:
+            seconds = float(value.strip().strip('"'))
+        except ValueError:
+            return None
+        return seconds if 0 < seconds <= MAX_WAIT_S and math.isfinite(seconds) else None
+    return None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    job: Job
+    replayed: bool
+    #: Whether the intake admitted it: an end after admission is the job's own, not the
+    #: intake's answer to the submission.
+    admitted: bool
+
+
+async def submit(services: Services, submission: Submission, wait_s: float | None) -> Outcome:
+    """Publish the submission (or find its replay) and return the job once decided."""
+    request = submission.request
+    if request.idempotency_key is not None:
+        stored = await blocking(services.jobs.job, request.request_id)
+        if stored is not None:
+            if stored.body_sha256 != submission.body_sha256:
+                raise _mismatch(request, stored)
+            job = await _attach(services, stored, wait_s)
+            return Outcome(job, replayed=True, admitted=job.status != "rejected")
+    with services.hub.watch(request.request_id) as watch:
+        await _publish(services, request)
+        deadline = time.monotonic() + services.settings.gateway_intake_wait_s
+        while not ((state := watch.state()) is not None and state.decided):
+            if not await watch.changed(deadline - time.monotonic()):
+                break
+        admitted = state is not None and (state.admitted or state.running)
+        record = JobRecord(
+            request=request, created_at=request.submitted_at, body_sha256=submission.body_sha256
+        )
+        stored = await blocking(services.jobs.put_job, record)
+        if stored.body_sha256 != submission.body_sha256:  # a concurrent first use of the key
+            raise _mismatch(request, stored)
+        job = await services.view(stored)
+        if wait_s is not None and job.status in ("queued", "running"):
+            job = await _hold(services, stored, watch, wait_s)
+    return Outcome(job, replayed=False, admitted=admitted)
+
+
+def _mismatch(request: GenerationRequest, stored: JobRecord) -> Problem:
+    return Problem(
+        "idempotency-key-mismatch",
+        f"Idempotency-Key {request.idempotency_key!r} was used for job "
+        f"{stored.request.request_id} with another body: use a new key for a new request",
+        job_id=stored.request.request_id,
+    )
+
+
+async def _attach(services: Services, stored: JobRecord, wait_s: float | None) -> Job:
+    """A replay: the stored job, published again while it has no result, or when its
+    result is a refusal that waiting cures (rate limited, overloaded): the retry the
+    refusal asked for, under the same id. (A gateway that never saw the retry's events
+    shows the refusal until the retry's result is indexed.)"""
+    request_id = stored.request.request_id
+    with services.hub.watch(request_id) as watch:
+        result = await services.result(request_id)
+        if result is None or result.reason in RETRIED:
+            before = watch.state()
+            await _publish(services, stored.request)
+            if result is not None:  # the retry's decision, not the refusal seen before
+                deadline = time.monotonic() + services.settings.gateway_intake_wait_s
+                while watch.state() is before:
+                    if not await watch.changed(deadline - time.monotonic()):
+                        break
+        job = await services.view(stored)
+        if wait_s is not None and not job.ended:
+            job = await _hold(services, stored, watch, wait_s)
+    return job
+
+
+async def _hold(services: Services, stored: JobRecord, watch: Watch, wait_s: float) -> Job:
+    """`Prefer: wait`: until the job has a result or `wait_s` passed."""
+    deadline = time.monotonic() + wait_s
+    while not ((state := watch.state()) is not None and state.result is not None):
+        if not await watch.changed(deadline - time.monotonic()):
+            break
+    return await services.view(stored)
+
+
+async def _publish(services: Services, request: GenerationRequest) -> None:
+    try:
+        await services.publisher.publish(request)
+    except (BrokerUnavailable, PublishError) as exc:
+        raise Problem("unavailable", f"{exc}; nothing was submitted, try again") from exc
+
+
+#: The refusals that a replay of the same submission retries.
+RETRIED = frozenset({Reason.RATE_LIMITED, Reason.OVERLOADED})
+#: The problem a result's reason answers a submission with (admitted jobs are 202).
+REJECTIONS = {
+    Reason.RATE_LIMITED: "rate-limited",
+    Reason.OVERLOADED: "overloaded",
+    Reason.EXCEEDS_BURST: "exceeds-burst",
+    Reason.INVALID_REQUEST: "invalid-request",
+    Reason.UNKNOWN_MODEL: "unknown-model",
+    Reason.DEADLINE_EXCEEDED: "deadline-exceeded",
+    Reason.CANCELED: "canceled",
+}
