@@ -63,6 +63,9 @@ _SIGNED = re.compile(
     r"((?:X-Amz-)?(?:Signature|Credential|Security-Token)=)[^&\s,;\"'<>]+", re.IGNORECASE
 )
 
+# An API key's secret part; its key_id, public, stays readable (`imagegen.schemas.api_keys`).
+_API_KEY_SECRET = re.compile(r"(igk_[a-z0-9]{12}_)[A-Za-z0-9_-]{43}")
+
 _context: ContextVar[Mapping[str, object]] = ContextVar(
     "imagegen_log_context", default=MappingProxyType({})
 )
@@ -127,8 +130,8 @@ class TextFormatter(logging.Formatter):
 
 
 class Redactor(logging.Filter):
-    """Replaces `secrets`, and the signature and credential of signed URLs, in each record's
-    message, traceback and stack with `REDACTED`.
+    """Replaces `secrets`, the signature and credential of signed URLs, and the secret part
+    of API keys, in each record's message, traceback and stack with `REDACTED`.
 
     A handler's filter, not a logger's: it then sees every record the handler writes,
     whichever library's logger it comes from.
@@ -149,6 +152,7 @@ class Redactor(logging.Filter):
     def redact(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, REDACTED)
+        text = _API_KEY_SECRET.sub(rf"\1{REDACTED}", text)
         return _SIGNED.sub(rf"\1{REDACTED}", text)
 
     def filter(self, record: logging.LogRecord) -> bool:

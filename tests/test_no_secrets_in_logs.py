@@ -25,7 +25,7 @@ from imagegen.infra.kafka import make_admin, make_producer
 from imagegen.infra.logs import REDACTED, configure_logging, secrets_of
 from imagegen.infra.object_store import ObjectStore
 from imagegen.infra.settings import Settings, as_environment, load_settings
-from imagegen.schemas import GenerationResult, Status, encode, new_request_id
+from imagegen.schemas import GenerationResult, Status, encode, mint_key, new_request_id
 from imagegen.schemas.errors import ConfigError
 from imagegen.schemas.topics import RESULTS
 from tests.conftest import settings_env
@@ -80,13 +80,16 @@ def test_secrets_and_signed_urls_are_scrubbed_from_every_part_of_a_line(
     except RuntimeError:
         log.exception("writing k.png to bucket images failed")
     log.info("replay mark %s", "replay-key-7c21", stack_info=True)
+    api_key = mint_key()
+    log.warning("a client sent Authorization: Bearer %s", api_key)
 
     err = capsys.readouterr().err
     assert_clean(err, settings, "5d672d79c15b13162d9279b0855cfba6789a8edb4c82c400e06b5924a6f2b5d7")
     assert "abc123" not in err and "AKIDEXAMPLE" not in err
+    assert api_key not in err and api_key[:-43] in err  # the key_id stays, the secret goes
     # What is not secret stays readable.
     assert "bucket images failed" in err and "RuntimeError" in err and "X-Amz-Algorithm" in err
-    assert err.count(REDACTED) >= 8
+    assert err.count(REDACTED) >= 9
 
 
 def test_settings_loading_says_nothing_secret(
