@@ -41,9 +41,7 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -64,7 +62,8 @@ from bench.pipeline import (
     running_pipeline,
     worker_overrides,
 )
-from bench.stack import child_env
+from bench.stack import child_env, free_port
+from imagegen.cli.children import module_child
 from imagegen.consumers.events import EventSubscriber
 from imagegen.producers.api_keys import KeyRegistry
 from imagegen.schemas import EventType, Status
@@ -76,7 +75,6 @@ GATEWAY_USER = "bench-gateway"
 WARM_UP_SUBMITS = 5
 #: How long a server may take to answer `GET /readyz` 200 after its start.
 READY_TIMEOUT_S = 180.0
-STOP_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -102,13 +100,6 @@ QUICK = replace(DEFAULT, duration_s=10.0, event_jobs=3)
 # ---- the servers -----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @dataclass(frozen=True)
 class Server:
     name: str
@@ -127,23 +118,12 @@ class Server:
 def server(name: str, module: str, env: Mapping[str, str], log: Path) -> Iterator[Server]:
     """`python -m <module>` listening on a free port of 127.0.0.1 (IMAGEGEN_GATEWAY_HOST and
     _PORT), once `GET /readyz` answers 200; SIGTERM (then SIGKILL) on the way out."""
-    port = _free_port()
+    port = free_port()
     env = {**env, "IMAGEGEN_GATEWAY_HOST": "127.0.0.1", "IMAGEGEN_GATEWAY_PORT": str(port)}
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", module], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
+    with module_child(module, [], env, log, cwd=ROOT) as process:
         running = Server(name, f"http://127.0.0.1:{port}", process, log)
         _wait_ready(running)
         yield running
-    finally:
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _wait_ready(running: Server) -> None:

@@ -16,18 +16,20 @@ from imagegen.infra.settings import Settings, as_environment, load_settings
 SESSION_TIMEOUT_MS = 2000
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        port: int = probe.getsockname()[1]
+        return port
 
 
 @contextmanager
 def private_stack() -> Iterator[Settings]:
     with tempfile.TemporaryDirectory(prefix="imagegen-bench-") as state_dir:
         settings = load_settings(
-            kafka_bootstrap=f"127.0.0.1:{_free_port()}",
-            s3_endpoint=f"127.0.0.1:{_free_port()}",
+            kafka_bootstrap=f"127.0.0.1:{free_port()}",
+            s3_endpoint=f"127.0.0.1:{free_port()}",
             state_dir=str(Path(state_dir)),
             kafka_session_timeout_ms=SESSION_TIMEOUT_MS,
             kafka_fetch_wait_ms=EMBEDDED_FETCH_WAIT_MS,

@@ -17,7 +17,16 @@ STOP_TIMEOUT_S = 60.0
 def imagegen_child(
     args: list[str], env: Mapping[str, str], log: Path
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """`imagegen <args>` with its output in `log`.
+    """`imagegen <args>` with its output in `log`; stopped as `module_child` says."""
+    with module_child("imagegen", args, env, log) as process:
+        yield process
+
+
+@contextmanager
+def module_child(
+    module: str, args: list[str], env: Mapping[str, str], log: Path, cwd: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m <module> <args>` with its output in `log`.
 
     On the way out it gets SIGTERM, and SIGKILL if it has not stopped within
     `STOP_TIMEOUT_S`; either way it has been reaped, so its `returncode` tells how it ended.
@@ -25,8 +34,9 @@ def imagegen_child(
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "imagegen", *args],
+            [sys.executable, "-m", module, *args],
             env=dict(env),
+            cwd=cwd,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
