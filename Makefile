@@ -51,7 +51,7 @@ format: $(BIN)/.installed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# Intake, render and end-to-end benchmarks; writes bench/results.json and docs/benchmarks.md.
+# Start-up, intake, render, end-to-end, overload and gateway benchmarks; writes bench/results.json and docs/benchmarks.md.
 # BENCH_QUICK=1 for a run of a few minutes; ARGS=--gpu (or BENCH_GPU=1) renders on CUDA.
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench $(ARGS)

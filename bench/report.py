@@ -87,6 +87,35 @@ than the cancel samples (so that they never share a batch with one: a cancel sto
 and the other members render again). Every request must get exactly one answer, and a `failed`
 one or none is a failure."""
 
+GATEWAY = """\
+One `imagegen processor` and one `imagegen worker` on a private stack, rate limits that admit
+everything, warm-up first; two HTTP servers beside them, each a uvicorn child process: the real
+gateway (`python -m imagegen.gateway.server`, with an API key from `KeyRegistry`) and a bare
+FastAPI endpoint (`python -m bench.bare_endpoint`) that only builds the same
+`GenerationRequest` from the body, produces it to `imagegen.requests` (acks=all) and answers
+202 once the broker acknowledged it. Each server gets a few unmeasured submissions, then, in
+turn, the same open-loop load: one `POST /v1/images/generations` per slot at a fixed rate by
+the clock, whatever earlier answers do. *Submit latency* runs from the start of the POST to its
+answer. The gateway authenticates the key, validates the body, publishes the request and
+answers 202 only once the processor's intake decided (its `admitted` event came back) and the
+job is stored: the trip through the processor is in its latency and not in the bare
+endpoint's, and that is what the ratio measures. *Achieved* is 202 answers per second from the
+first slot to the last answer. A submission answered otherwise, not at all, or by the gateway
+only when its intake wait ran out, is a failure. Then *event lag*: jobs of many steps,
+one after the other, each submitted through the gateway and followed through `GET
+/v1/images/jobs/{id}/events` until `completed`; each SSE event's arrival at the client is
+matched to the worker's or processor's `JobEvent` (read from `imagegen.events` afterwards) and
+its lag is arrival - `JobEvent.at`, on the same host's clock. Events the stream replayed
+because they happened before it opened do not count; the figure checked is over `status` and
+`progress` events."""
+
+#: The gateway benchmark's event kinds, as its event-lag table names them.
+LAG_KINDS = {
+    "progress": "`progress`",
+    "started": "`status` (`queued`, `running`)",
+    "completed": "`completed` (not in the figure checked)",
+}
+
 BREAKDOWN = {
     "publish": "publish call, until the broker acknowledged",
     "to_admission": "publish to admission by the processor (approximate)",
@@ -97,7 +126,7 @@ BREAKDOWN = {
 
 RUNNING = """\
 ```sh
-make bench                            # all five; bench/results.json and docs/benchmarks.md
+make bench                            # all six; bench/results.json and docs/benchmarks.md
 BENCH_QUICK=1 make bench              # short runs: a few minutes in all
 make bench ARGS=--gpu                 # render: sd15-random, 512x512, 25 steps on CUDA
 make bench ARGS="--gpu --only render" # that alone, on a GPU machine (or BENCH_GPU=1)
@@ -106,6 +135,7 @@ python -m bench.intake [--requests N]
 python -m bench.render [--quick] [--gpu] [--batch-sizes 1,2,4,8]
 python -m bench.e2e [--quick] [--rate 20] [--duration 60]
 python -m bench.overload [--quick] [--load 3] [--duration 30]
+python -m bench.gateway [--quick] [--rate 20] [--duration 20] [--event-jobs 8]
 ```
 
 Every benchmark starts a private embedded stack (Tansu and moto's S3 server, on free ports)
@@ -151,6 +181,7 @@ def markdown(results: dict[str, Any], results_path: Path) -> str:
         "render": _render,
         "e2e": _e2e,
         "overload": _overload,
+        "gateway": _gateway,
     }
     titles = {
         "startup": "Start-up",
@@ -158,6 +189,7 @@ def markdown(results: dict[str, Any], results_path: Path) -> str:
         "render": "Render",
         "e2e": "End to end",
         "overload": "Overload",
+        "gateway": "Gateway",
     }
     texts = {
         "startup": STARTUP,
@@ -165,6 +197,7 @@ def markdown(results: dict[str, Any], results_path: Path) -> str:
         "render": RENDER,
         "e2e": E2E,
         "overload": OVERLOAD,
+        "gateway": GATEWAY,
     }
     for name, run in runs.items():
         lines += [f"## {titles[name]}", "", texts[name], "", _run_line(run), ""]
@@ -364,6 +397,57 @@ def _overload(figures: dict[str, Any]) -> list[str]:
             ),
             ("cancel target: 1 step + 200 ms (ms)", _value(figures["cancel_target_ms"])),
         ],
+    )
+    return lines
+
+
+def _gateway(figures: dict[str, Any]) -> list[str]:
+    options = figures["options"]
+    events = figures["events"]
+    causes = ", ".join(f"{cause}: {n}" for cause, n in figures["failure_causes"].items())
+    servers = (("gateway", figures["gateway"]), ("bare endpoint", figures["bare"]))
+    answered = "; ".join(f"{name} {s['answered_202']} / {s['requests']}" for name, s in servers)
+    lag = "; ".join(f"{name} {_value(s['max_schedule_lag_ms'])} ms" for name, s in servers)
+    lines = [
+        f"{options['rate_per_s']:g} submissions/s for {options['duration_s']:g} s to each "
+        f"server in turn; `{options['model']}` at {options['width']}x{options['height']}, "
+        f"{options['steps']} step(s) on {options['device']}; worker `--max-batch "
+        f"{options['max_batch']} --max-wait-ms {options['max_wait_ms']:g}"
+        f"{_cpu_threads(options)}`.",
+        "",
+        f"- answered 202 / submitted: {answered}; latest POST start against the schedule: {lag}",
+        f"- gateway / bare endpoint: p50 {_value(figures['gateway_vs_bare_p50'])}, "
+        f"**p99 {_value(figures['gateway_vs_bare_p99'])}**",
+        f"- failures: {figures['failures']}{f' ({causes})' if causes else ''}; warm-up: "
+        f"{figures['warm_up_s']} s",
+        "",
+        *_table(
+            ("submit latency (ms)", "p50", "p95", "p99", "max", "achieved 202/s"),
+            [
+                (bold, *_spread(s["submit_ms"]), _value(s["achieved_per_s"]))
+                for bold, s in (
+                    ("**gateway**", figures["gateway"]),
+                    ("bare endpoint", figures["bare"]),
+                )
+            ],
+        ),
+        "",
+        f"Event lag: {events['jobs']} jobs of {options['event_steps']} steps followed one after "
+        f"the other, {_value(events['progress_events_per_job'])} timed `progress` events per "
+        f"job; {events['events_received']} events received, {events['events_timed']} timed, "
+        f"{events['events_replayed']} replayed (they happened before the stream opened), "
+        f"{events['events_unmatched']} without a matching `JobEvent`.",
+        "",
+    ]
+    rows = [
+        ("**status and progress**", events["lag_ms"]),
+        *(
+            (f"- {LAG_KINDS.get(kind, kind)}", spread)
+            for kind, spread in events["lag_ms_by_event"].items()
+        ),
+    ]
+    lines += _table(
+        ("event lag (ms)", "p50", "p95", "p99", "max"), [(n, *_spread(p)) for n, p in rows]
     )
     return lines
 

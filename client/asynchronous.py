@@ -24,9 +24,7 @@ class AsyncClient:
         timeout_s: float = base.DEFAULT_TIMEOUT_S,
     ) -> None:
         url, headers = base.connection(base_url, api_key)
-        self._http = httpx.AsyncClient(
-            base_url=url, headers=headers, timeout=max(timeout_s, base.MAX_WAIT_S + 5.0)
-        )
+        self._http = httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout_s)
 
     async def __aenter__(self) -> Self:
         return self
@@ -111,6 +109,11 @@ class AsyncClient:
 
     async def _send(self, call: base.Call) -> httpx.Response:
         response = await self._http.request(
-            call.method, call.path, json=call.json, params=call.params, headers=call.headers
+            call.method,
+            call.path,
+            json=call.json,
+            params=call.params,
+            headers=call.headers,
+            timeout=base.timeout_of(call, self._http.timeout),
         )
         return base.checked(response)

@@ -23,10 +23,7 @@ class Client:
         timeout_s: float = base.DEFAULT_TIMEOUT_S,
     ) -> None:
         url, headers = base.connection(base_url, api_key)
-        # wait=N holds the answer N seconds: the read timeout must outlast it.
-        self._http = httpx.Client(
-            base_url=url, headers=headers, timeout=max(timeout_s, base.MAX_WAIT_S + 5.0)
-        )
+        self._http = httpx.Client(base_url=url, headers=headers, timeout=timeout_s)
 
     def __enter__(self) -> Self:
         return self
@@ -119,6 +116,11 @@ class Client:
 
     def _send(self, call: base.Call) -> httpx.Response:
         response = self._http.request(
-            call.method, call.path, json=call.json, params=call.params, headers=call.headers
+            call.method,
+            call.path,
+            json=call.json,
+            params=call.params,
+            headers=call.headers,
+            timeout=base.timeout_of(call, self._http.timeout),
         )
         return base.checked(response)

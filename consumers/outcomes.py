@@ -168,7 +168,7 @@ class Outcomes:
     ) -> None:
         sends.send(RESULTS, result.kafka_key, encode(result), job.span.headers, on_acknowledged)
         if self._events is not None:
-            self._events.finished(sends, job, result.status)
+            self._events.finished(sends, job, result)
 
     def _dead_letter(
         self,

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from imagegen.infra.metrics import EVENTS_UNSENT
-from imagegen.schemas import JobEvent, Status, encode
+from imagegen.schemas import GenerationResult, JobEvent, encode
 from imagegen.schemas.events import EventType
 from imagegen.schemas.fields import utc_now
+from imagegen.schemas.requests import WebhookEvent
 from imagegen.schemas.topics import EVENTS
 
 if TYPE_CHECKING:  # jobs.py holds a throttle per job, and the outbox imports jobs.py
@@ -67,25 +68,35 @@ class JobEvents:
         self._clock = clock
 
     def started(self, job: Job) -> None:
-        self._notify(self._event(job, EventType.STARTED))
+        # Carries the request for any webhook: the deliverer learns the start time from it,
+        # which every later document of the job shows.
+        self._notify(self._event(job, EventType.STARTED, "status", "progress", "completed"))
 
     def progress(self, job: Job, step: int, steps: int) -> None:
         if job.progress.due(step, steps, self._clock()):
-            self._notify(self._event(job, EventType.PROGRESS, step=step, steps=steps))
+            self._notify(self._event(job, EventType.PROGRESS, "progress", step=step, steps=steps))
 
-    def finished(self, sends: Sends, job: Job, status: Status) -> None:
+    def finished(self, sends: Sends, job: Job, result: GenerationResult) -> None:
         """Send the `finished` event in the block that sends the job's result."""
-        event = self._event(job, EventType.FINISHED, status=status)
+        event = self._event(job, EventType.FINISHED, "completed", status=result.status)
+        if event.request is not None:
+            event = event.model_copy(update={"result": result})
         sends.send(EVENTS, event.kafka_key, encode(event))
 
-    def _event(self, job: Job, type_: EventType, **fields: object) -> JobEvent:
+    def _event(
+        self, job: Job, type_: EventType, *webhook_events: WebhookEvent, **fields: object
+    ) -> JobEvent:
+        """With the request on it where the request's webhook is sent on `webhook_events`."""
+        request = job.request
+        hooked = any(request.webhook_wants(wanted) for wanted in webhook_events)
         return JobEvent.model_validate(
             {
-                "request_id": job.request.request_id,
-                "user_id": job.request.user_id,
+                "request_id": request.request_id,
+                "user_id": request.user_id,
                 "type": type_,
                 "at": utc_now(),
                 "worker_id": self._worker_id,
+                "request": request if hooked else None,
                 **fields,
             }
         )

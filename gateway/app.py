@@ -5,7 +5,8 @@ health, readiness and metrics of the instance.
 (`gateway.services`) and stops them on shutdown. Every route but the health ones needs an
 API key (`gateway.auth`); every error is a problem (`gateway.problems`). A submission is
 answered 202 with the Job and `Location` of the job once the intake decided (or did not
-within `IMAGEGEN_GATEWAY_INTAKE_WAIT_S`), or with the problem of the intake's refusal.
+within `IMAGEGEN_GATEWAY_INTAKE_WAIT_S`), or with the problem of the intake's refusal. A
+job's events stream at `/events`, and at the job's own URL with `Accept: text/event-stream`.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from imagegen.gateway import problems
+from imagegen.gateway import page, problems
 from imagegen.gateway.auth import authenticate
-from imagegen.gateway.events_stream import stream_events
+from imagegen.gateway.events_stream import stream_events, wants_events
 from imagegen.gateway.job_store import MAX_PAGE, InvalidCursor
 from imagegen.gateway.middleware import BodyLimit, RequestLog
-from imagegen.gateway.problems import Problem
+from imagegen.gateway.problems import Problem, unavailable
 from imagegen.gateway.services import Services, blocking
 from imagegen.gateway.submissions import (
     REJECTIONS,
@@ -32,6 +33,7 @@ from imagegen.gateway.submissions import (
     SubmitBody,
     parse_body,
     prefer_wait,
+    refuse_private_webhook,
     submit,
 )
 from imagegen.gateway.views import Job, JobPage
@@ -77,6 +79,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
+    page.install(app)  # the web page at /, and its assets: no key needed
     app.add_middleware(BodyLimit, limit_bytes=settings.gateway_max_body_bytes)
     app.add_middleware(RequestLog)
 
@@ -113,7 +116,14 @@ def create_app(settings: Settings) -> FastAPI:
         prefer: Annotated[str | None, Header()] = None,
     ) -> Response:
         """Submit one image generation: 202 and the queued Job, with its `Location`."""
-        submission = parse_body(await request.body(), user, idempotency_key, settings.default_ttl_s)
+        submission = parse_body(
+            await request.body(),
+            user,
+            idempotency_key,
+            settings.default_ttl_s,
+            settings.webhook_allow_private,
+        )
+        await refuse_private_webhook(submission.request, settings.webhook_allow_private)
         wait_s = prefer_wait(prefer)
         return _answer(await submit(services, submission, wait_s), wait_s)
 
@@ -135,10 +145,30 @@ def create_app(settings: Settings) -> FastAPI:
         jobs = await asyncio.gather(*(services.view(r) for r in records if r is not None))
         return _json(JobPage(data=list(jobs), next_cursor=next_cursor))
 
-    @app.get(JOBS + "/{job_id}", response_model=Job, responses=problems.responses("not-found"))
-    async def get_job(job_id: str, user: User, services: Svc) -> Response:
-        """One job of the user's."""
-        return _json(await services.view(await services.record(job_id, user)))
+    @app.get(
+        JOBS + "/{job_id}",
+        response_model=Job,
+        responses={
+            200: {
+                "content": {"text/event-stream": {}},
+                "description": "The Job; with `Accept: text/event-stream`, its events.",
+            },
+            **problems.responses("not-found"),
+        },
+    )
+    async def get_job(
+        job_id: str,
+        user: User,
+        services: Svc,
+        accept: Annotated[str | None, Header()] = None,
+        last_event_id: Annotated[str | None, Header()] = None,
+    ) -> Response:
+        """One job of the user's; with `Accept: text/event-stream`, its event stream, as
+        at `/events` (the way Cog streams a prediction)."""
+        record = await services.record(job_id, user)
+        if wants_events(accept):
+            return await stream_events(services, record, last_event_id)
+        return _json(await services.view(record))
 
     @app.get(
         JOBS + "/{job_id}/image",
@@ -224,7 +254,7 @@ async def _cancel(services: Services, job_id: str, user: str) -> None:
     try:
         await services.publisher.cancel(job_id, user)
     except (BrokerUnavailable, PublishError) as exc:
-        raise Problem("unavailable", f"{exc}; the cancellation was not sent, try again") from exc
+        raise unavailable(f"{exc}; the cancellation was not sent, try again") from exc
 
 
 def _answer(outcome: Outcome, wait_s: float | None) -> Response:

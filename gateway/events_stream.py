@@ -1,4 +1,5 @@
-"""`GET /v1/images/jobs/{id}/events`: a job's events as server-sent events.
+"""`GET /v1/images/jobs/{id}/events`, and `GET /v1/images/jobs/{id}` with
+`Accept: text/event-stream`: a job's events as server-sent events.
 
 Events: `status` (data: the Job, when it is queued, then when it runs), `progress` (data:
 {"step", "steps"}), `completed` (data: the Job; the stream then ends). Every event's `id`
@@ -45,6 +46,27 @@ def implied(job: Job) -> Iterator[tuple[int, str, str]]:
     if job.progress is not None:
         progress = json.dumps({"step": job.progress.step, "steps": job.progress.steps})
         yield event_id_of_progress(job.progress.step), "progress", progress
+
+
+def wants_events(accept: str | None) -> bool:
+    """Whether an Accept header asks for the event stream: it names `text/event-stream`
+    without `q=0`. Only an exact name counts: `*/*`, which every HTTP library sends,
+    keeps the Job's JSON."""
+    for media_range in (accept or "").split(","):
+        name, *parameters = (part.strip().lower() for part in media_range.split(";"))
+        if name == MEDIA_TYPE and not any(_refused(p) for p in parameters):
+            return True
+    return False
+
+
+def _refused(parameter: str) -> bool:
+    key, _, value = parameter.partition("=")
+    if key.strip() != "q":
+        return False
+    try:
+        return float(value.strip()) == 0
+    except ValueError:
+        return False
 
 
 def last_event_id(header: str | None) -> int:

@@ -8,8 +8,9 @@ update to the asyncio watchers of that job (`loop.call_soon_threadsafe`), which 
 while a request waits on the job (a submission's decision, `Prefer: wait`, an event stream).
 
 Memory stays bounded: `capacity` states, the oldest dropped first; a job's history lives in
-the job store (`gateway.job_store`), which the indexer keeps. A job the hub forgot reads
-`queued` until its result is indexed.
+the job store (`gateway.job_store`), which the indexer keeps. A job the hub forgot, or saw
+only ending (`LiveState.result_known`), is read from the store: `queued` until its result
+is indexed.
 """
 
 from __future__ import annotations
@@ -49,6 +50,18 @@ class LiveState:
     queue_position: int | None = None
     estimated_start_at: datetime | None = None
     result: GenerationResult | None = None
+    #: Whether a `finished` event came: the job ended, whether or not `result` came yet.
+    finished: bool = False
+
+    @property
+    def result_known(self) -> bool:
+        """Whether `result` is the job's latest as far as anyone knows: the hub saw it, or
+        saw the job on its way and not its end, so it will see the result. A job seen only
+        ending (its result came before the hub started, or went with an evicted state)
+        needs the job store."""
+        if self.result is not None:
+            return True
+        return not self.finished and (self.admitted or self.running)
 
     @property
     def running(self) -> bool:
@@ -204,6 +217,7 @@ def _apply(state: LiveState, event: JobEvent) -> LiveState:
                 state,
                 admitted=True,
                 result=None if rejected else state.result,
+                finished=False if rejected else state.finished,
                 queue_position=event.queue_position,
                 estimated_start_at=event.estimated_start_at,
             )
@@ -219,4 +233,6 @@ def _apply(state: LiveState, event: JobEvent) -> LiveState:
                 queue_position=None,
             )
         case EventType.FINISHED:
-            return state  # the result on imagegen.results is the answer
+            # The result on imagegen.results is the answer; that the job ended tells
+            # `result_known` that a missing one is in the job store, not on its way.
+            return replace(state, finished=True)

@@ -3,7 +3,8 @@
 A client branches on `type` (`urn:imagegen:problem:<slug>`) and `status`, never on
 `detail`. `SLUGS` is the whole table; `Problem` is raised anywhere in a route and turned into
 a response by `install`, which also answers FastAPI's own validation errors, unknown routes
-and unexpected exceptions in the same shape.
+and unexpected exceptions in the same shape. A bare HTTP status (Starlette's
+`HTTPException`) keeps its status: the slug of `OF_STATUS`, else `http-<status>`.
 
 Extensions, where they apply: `job_id`, `job` (the Job, where one exists), `retry_after_ms`
 (with a `Retry-After` header in whole seconds, rounded up), `errors` (a list of
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,7 +46,38 @@ SLUGS: dict[str, tuple[int, str]] = {
     "image-not-ready": (409, "The job has no image"),
     "unavailable": (503, "A backing service is unavailable"),
     "internal-error": (500, "Internal error"),
+    "bad-request": (400, "The request is malformed"),
+    "forbidden": (403, "Not allowed"),
+    "not-acceptable": (406, "No acceptable representation"),
+    "unsupported-media-type": (415, "The body's media type is not supported"),
 }
+#: The problem a bare HTTP status answers (a Starlette `HTTPException`: an unknown route, a
+#: wrong method, or one raised by a dependency), where a slug above means that status.
+OF_STATUS: dict[int, str] = {
+    400: "bad-request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not-found",
+    405: "method-not-allowed",
+    406: "not-acceptable",
+    413: "body-too-large",
+    415: "unsupported-media-type",
+    422: "invalid-request",
+    500: "internal-error",
+    503: "unavailable",
+}
+# Any other error status is `http-<status>`: named by its number, which stays the same in
+# every Python version, unlike the reason phrases `HTTPStatus` holds.
+SLUGS.update(
+    {
+        f"http-{status.value}": (status.value, status.phrase)
+        for status in HTTPStatus
+        if status.value >= 400 and status.value not in OF_STATUS
+    }
+)
+#: How long a client waits before it tries again after `unavailable`: a broker or store
+#: outage that outlasts it is answered the same way, so a short wait costs little.
+UNAVAILABLE_RETRY_AFTER_MS = 2000
 
 
 class Problem(Exception):
@@ -87,6 +120,20 @@ def unauthorized(detail: str) -> Problem:
     return Problem("unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
 
 
+def unavailable(detail: str) -> Problem:
+    """A backing service (the broker, the object store) failed: 503 with `Retry-After`."""
+    return Problem("unavailable", detail, retry_after_ms=UNAVAILABLE_RETRY_AFTER_MS)
+
+
+def of_status(status: int, detail: str, headers: dict[str, str] | None = None) -> Problem:
+    """The problem of a bare HTTP status, keeping the status (and headers, such as a 405's
+    `Allow`); a status that is no error is an internal one, as nothing should raise it."""
+    slug = OF_STATUS.get(status) or f"http-{status}"
+    if slug not in SLUGS:
+        return Problem("internal-error", f"the gateway answered status {status}: {detail}")
+    return Problem(slug, detail, headers=headers)
+
+
 def responses(*slugs: str) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for a route that answers these problems."""
     described: dict[int | str, dict[str, Any]] = {}
@@ -118,11 +165,7 @@ def install(app: FastAPI) -> None:
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
-        if exc.status_code == 405:
-            problem = Problem("method-not-allowed", f"{request.method} is not allowed here")
-        else:
-            problem = Problem("not-found", f"no route {request.url.path}")
-        return problem.response(request.url.path)
+        return _http_problem(request, exc).response(request.url.path)
 
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
@@ -133,3 +176,15 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(HTTPException, on_http)
     app.add_exception_handler(Exception, on_error)
+
+
+def _http_problem(request: Request, exc: HTTPException) -> Problem:
+    """Starlette's own 404 and 405 say what a client needs better than their detail does."""
+    match exc.status_code:
+        case 404:
+            detail = f"no route {request.url.path}"
+        case 405:
+            detail = f"{request.method} is not allowed here"
+        case _:
+            detail = str(exc.detail)
+    return of_status(exc.status_code, detail, dict(exc.headers or {}))

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from imagegen.gateway.hub import EventHub
 from imagegen.gateway.indexer import JobIndexer
 from imagegen.gateway.job_store import JobRecord, JobStore
-from imagegen.gateway.problems import Problem
+from imagegen.gateway.problems import Problem, unavailable
 from imagegen.gateway.views import Job, job_view
 from imagegen.infra.key_book import KeyBook
 from imagegen.infra.object_store import ObjectStore
@@ -37,7 +37,7 @@ async def blocking(call: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(call, *args)
     except (ObjectStoreUnavailable, ObjectStoreError, BrokerUnavailable) as exc:
         log.warning("a backing service failed: %s", exc)
-        raise Problem("unavailable", f"{exc}; try again shortly") from exc
+        raise unavailable(f"{exc}; try again shortly") from exc
 
 
 @dataclass
@@ -86,10 +86,10 @@ class Services:
     async def result(self, request_id: str) -> GenerationResult | None:
         """The latest result: the hub's when it saw one, else the store's; a `duplicate`
         resolved to the result of the job it duplicates."""
-        # A job the hub saw since it started ends on a result the hub sees too: only a job
-        # it never saw (or forgot) needs the store.
+        # A job the hub saw on its way ends on a result the hub sees too: only a job it
+        # never saw, forgot, or saw only ending needs the store.
         state = self.hub.state(request_id)
-        if state is not None:
+        if state is not None and state.result_known:
             result = state.result
         else:
             result = await blocking(self.jobs.result, request_id)
@@ -105,7 +105,7 @@ class Services:
         request_id = record.request.request_id
         result = await self.result(request_id)
         return job_view(
-            record,
+            record.request,
             result,
             self.hub.state(request_id),
             self.sign,

@@ -15,8 +15,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from imagegen.gateway.hub import LiveState
-from imagegen.gateway.job_store import JobRecord
-from imagegen.schemas import GenerationResult, OutputFormat, Priority, Status
+from imagegen.schemas import GenerationRequest, GenerationResult, OutputFormat, Priority, Status
 from imagegen.schemas.fields import UtcDatetime
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "rejected", "canceled", "expired"]
@@ -96,14 +95,15 @@ UrlSigner = Callable[[GenerationResult], str]
 
 
 def job_view(
-    record: JobRecord,
+    request: GenerationRequest,
     result: GenerationResult | None,
     live: LiveState | None,
     sign: UrlSigner,
     url_ttl_s: int,
     now: datetime,
 ) -> Job:
-    request = record.request
+    """The Job of `request`. (Its `created_at` is the request's `submitted_at`, as in the
+    stored `JobRecord`: the webhook deliverer, which has no record, shows the same.)"""
     live = live or LiveState()
     status: JobStatus
     if result is not None:
@@ -123,7 +123,7 @@ def job_view(
     return Job(
         id=request.request_id,
         status=status,
-        created_at=record.created_at,
+        created_at=request.submitted_at,
         started_at=live.started_at,
         finished_at=result.completed_at if result is not None else None,
         expires_at=request.expires_at,

@@ -65,6 +65,10 @@ _SIGNED = re.compile(
 
 # An API key's secret part; its key_id, public, stays readable (`imagegen.schemas.api_keys`).
 _API_KEY_SECRET = re.compile(r"(igk_[a-z0-9]{12}_)[A-Za-z0-9_-]{43}")
+# A webhook signing secret (`imagegen.schemas.webhook_secrets`), whole but its prefix. Any
+# length, URL-safe letters and percent-escapes too: a secret cut short, or carried in a URL,
+# is as secret.
+_WEBHOOK_SECRET = re.compile(r"(whsec_)(?:[A-Za-z0-9+/_-]|%[0-9A-Fa-f]{2})+=*")
 
 _context: ContextVar[Mapping[str, object]] = ContextVar(
     "imagegen_log_context", default=MappingProxyType({})
@@ -130,8 +134,9 @@ class TextFormatter(logging.Formatter):
 
 
 class Redactor(logging.Filter):
-    """Replaces `secrets`, the signature and credential of signed URLs, and the secret part
-    of API keys, in each record's message, traceback and stack with `REDACTED`.
+    """Replaces `secrets`, the signature and credential of signed URLs, the secret part of
+    API keys and webhook signing secrets, in each record's message, traceback and stack with
+    `REDACTED`.
 
     A handler's filter, not a logger's: it then sees every record the handler writes,
     whichever library's logger it comes from.
@@ -153,6 +158,7 @@ class Redactor(logging.Filter):
         for secret in self._secrets:
             text = text.replace(secret, REDACTED)
         text = _API_KEY_SECRET.sub(rf"\1{REDACTED}", text)
+        text = _WEBHOOK_SECRET.sub(rf"\1{REDACTED}", text)
         return _SIGNED.sub(rf"\1{REDACTED}", text)
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -95,6 +95,17 @@ EVENTS_UNSENT = Counter(
     "imagegen_events_unsent_total",
     "Job events the broker never acknowledged (events are for watching; results still go).",
 )
+WEBHOOK_DELIVERIES = Counter(
+    "imagegen_webhook_deliveries_total",
+    "Webhook attempts and what came of them: delivered, retried (after a failed attempt), "
+    "deferred (its user had too many in flight), dead_lettered.",
+    ["outcome"],
+)
+WEBHOOK_SECONDS = Histogram(
+    "imagegen_webhook_seconds",
+    "Seconds per webhook attempt, from resolving the URL to the receiver's answer.",
+    buckets=_DURATION_BUCKETS,
+)
 FLEET_START_RATE = Gauge(
     "imagegen_fleet_start_rate",
     "Renders the worker fleet started per second lately, as the intake processor measures "

@@ -107,10 +107,26 @@ class Settings(BaseSettings):
     gateway_max_body_bytes: int = Field(default=65_536, ge=1_024)
     gateway_url_ttl_s: int = Field(default=600, ge=1, le=7 * 86_400)
 
+    # Webhooks (`imagegen webhooks`). A failed delivery is retried for webhook_retry_s, at
+    # first after webhook_first_retry_s, then after ten times as long each time, up to
+    # 1,000 times as long; then it is dead-lettered. Private and loopback addresses (and
+    # plain http) are refused unless webhook_allow_private: a job's URL is the user's
+    # input, and the deliverer sits inside the network.
+    webhook_retry_s: float = Field(default=86_400.0, gt=0)
+    webhook_first_retry_s: float = Field(default=6.0, gt=0)
+    webhook_allow_private: bool = False
+    webhook_connect_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    webhook_read_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    # Deliveries in flight at once, and at most this many of them to one user's endpoints:
+    # a slow endpoint holds its own user's share, never the others'.
+    webhook_concurrency: int = Field(default=64, ge=1, le=1_024)
+    webhook_concurrency_per_user: int = Field(default=4, ge=1)
+
     # Observability. A metrics port of 0 serves no metrics; each kind of process has its
     # own default port so that a processor and a worker can share a host.
     processor_metrics_port: int = Field(default=9464, ge=0, le=65535)
     worker_metrics_port: int = Field(default=9465, ge=0, le=65535)
+    webhooks_metrics_port: int = Field(default=9466, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
     log_level: LogLevel = "info"
     log_format: LogFormat = "json"

@@ -32,6 +32,8 @@ from imagegen.schemas.topics import (
     RENDER_BATCH,
     REQUESTS,
     RESULTS,
+    WEBHOOK_RETRIES,
+    WEBHOOK_SECRETS,
 )
 
 DAY_MS = 24 * 60 * 60 * 1000
@@ -65,6 +67,11 @@ TOPICS: tuple[TopicSpec, ...] = (
     # Every gateway loads all API keys at start-up; a key lives until revoked, and its
     # revocation is its latest record, so nothing may be deleted but what compaction drops.
     TopicSpec(API_KEYS, 1, {"cleanup.policy": "compact", "retention.ms": "-1"}),
+    # Every deliverer loads all secrets at start-up; a user's latest secret is the one.
+    TopicSpec(WEBHOOK_SECRETS, 1, {"cleanup.policy": "compact", "retention.ms": "-1"}),
+    # A delivery is retried for a day (IMAGEGEN_WEBHOOK_RETRY_S) at most, so two days of
+    # retention hold every delivery still waiting, even one behind a stopped deliverer.
+    *(TopicSpec(topic, 6, {"retention.ms": str(2 * DAY_MS)}) for topic in WEBHOOK_RETRIES),
     # Operators inspect and replay the DLQ, sometimes weeks later.
     TopicSpec(DLQ, 3, {"retention.ms": str(30 * DAY_MS)}),
 )

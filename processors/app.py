@@ -69,6 +69,7 @@ from imagegen.schemas import DeadLetter, GenerationRequest, GenerationResult, St
 from imagegen.schemas.headers import ADMITTED_AT_HEADER, TRACEPARENT, TRACESTATE
 from imagegen.schemas.topics import (
     DLQ,
+    EVENTS,
     PROCESSOR_GROUP,
     RENDER,
     RENDER_BATCH,
@@ -254,8 +255,8 @@ class IntakeProcessor:
                 self.load.admitted(request)
                 await job_events.send(self.app.producer, job_events.admitted(request, queue))
                 return sends
-            case Answer(result=result):
-                return [await self._answer(result, trace)]
+            case Answer(result=result, request=request):
+                return await self._answer(result, trace, request)
             case Drop(request_id=request_id):
                 log.debug("dropped publish retry", extra={"request_id": request_id})
                 return []
@@ -263,15 +264,23 @@ class IntakeProcessor:
                 await self._dead_letter(event, error, Stage.VALIDATE)
                 if result is None:
                     return []
-                return [await self._answer(result, trace)]
+                # No webhook: an invalid record's webhook_url is not to be trusted.
+                return await self._answer(result, trace, None)
 
-    async def _answer(self, result: GenerationResult, trace: Headers) -> Sent:
-        """Start the result's send, and tell watchers the request finished."""
-        sent = await self._send(RESULTS, result.kafka_key, encode(result), trace)
+    async def _answer(
+        self, result: GenerationResult, trace: Headers, request: GenerationRequest | None
+    ) -> list[Sent]:
+        """Start the result's send, and tell watchers the request finished: best effort,
+        but as surely as the result where a webhook is sent on it (`job_events`)."""
+        sends = [await self._send(RESULTS, result.kafka_key, encode(result), trace)]
         if result.status in (Status.CANCELED, Status.EXPIRED):
             JOBS_ENDED_EARLY.labels(result.status.value, "intake").inc()
-        await job_events.send(self.app.producer, job_events.finished(result))
-        return sent
+        finished = job_events.finished(result, request)
+        if finished.request is None:
+            await job_events.send(self.app.producer, finished)
+        else:
+            sends.append(await self._send(EVENTS, finished.kafka_key, encode(finished), []))
+        return sends
 
     async def _unpublished(self, record: Started, failure: BaseException) -> None:
         """Dead-letter a record whose sends failed, answer it `publish_error`, and release
@@ -288,9 +297,9 @@ class IntakeProcessor:
             )
             if answer is None:
                 return
-            _, delivered = await self._answer(answer, [])
-            await delivered
-            RECORDS_PRODUCED.labels(RESULTS).inc()
+            for topic, delivered in await self._answer(answer, [], _request_of(record.outcome)):
+                await delivered
+                RECORDS_PRODUCED.labels(topic).inc()
         except Exception:
             log.critical("cannot answer a record its send failed; exiting", exc_info=True)
             os._exit(70)
@@ -468,6 +477,14 @@ def _request_id(outcome: Admit | Answer | Drop) -> str:
             return result.request_id
         case Drop(request_id=request_id):
             return request_id
+
+
+def _request_of(outcome: Outcome) -> GenerationRequest | None:
+    match outcome:
+        case Admit(request=request) | Answer(request=request):
+            return request
+        case _:
+            return None
 
 
 def _render_topic(request: GenerationRequest) -> str:

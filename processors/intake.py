@@ -22,6 +22,7 @@ from typing import Protocol
 from pydantic import BaseModel, ValidationError
 
 from imagegen.infra.settings import Settings
+from imagegen.infra.webhook_targets import WebhookTargetRefused, check_url
 from imagegen.processors.dedupe import Deduper, Seen, Verdict
 from imagegen.processors.load import QueueEstimate
 from imagegen.processors.ratelimit import TOKEN_WORK, RateLimiter, request_cost
@@ -52,6 +53,9 @@ class Answer:
     """Publish this result (rejected or duplicate); render nothing."""
 
     result: GenerationResult
+    #: The request answered, whose webhook (if any) is told; None where its webhook is the
+    #: reason it is refused.
+    request: GenerationRequest | None
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,7 @@ class Intake:
         self._cancellation = cancellation
         self._load = load or _NoLoad()
         self._default_ttl_s = settings.default_ttl_s
+        self._allow_private_webhooks = settings.webhook_allow_private
 
     def decide(
         self,
@@ -166,6 +171,9 @@ class Intake:
                 return Invalid(exc, _rejection_for_invalid(value, exc))
             if key != request.kafka_key:
                 return _misrouted(request, key)
+            refused = _refused_webhook(request, self._allow_private_webhooks)
+            if refused is not None:
+                return refused
 
         now = self._clock()
         with _stage(Stage.DEDUPE):
@@ -216,7 +224,8 @@ class Intake:
                 reason=Reason.CANCELED,
                 detail=f"canceled by its user (at {cancel.requested_at.isoformat()}) before "
                 "the processor admitted it; nothing was rendered",
-            )
+            ),
+            request,
         )
 
     def unpublished(
@@ -258,7 +267,8 @@ class Intake:
                     Status.REJECTED,
                     reason=Reason.EXCEEDS_BURST,
                     detail=_exceeds_burst_detail(request, cost, largest),
-                )
+                ),
+                request,
             )
         retry_after_ms = self._limiter.take(request.user_id, partition, cost, now)
         if retry_after_ms is None:
@@ -271,7 +281,8 @@ class Intake:
                 retry_after_ms=retry_after_ms,
                 detail=f"rate limit reached: this request costs {cost} token(s); "
                 f"retry in {retry_after_ms} ms",
-            )
+            ),
+            request,
         )
 
     def expired_dedupe(self, entries: Iterable[tuple[str, list]]) -> list[tuple[str, int]]:
@@ -315,8 +326,24 @@ def _expired(request: GenerationRequest, deadline: float, now: float) -> Answer 
             reason=Reason.DEADLINE_EXCEEDED,
             detail=f"its deadline {_utc(deadline)} passed {now - deadline:.1f}s before the "
             "processor could admit it; nothing was rendered",
-        )
+        ),
+        request,
     )
+
+
+def _refused_webhook(request: GenerationRequest, allow_private: bool) -> Answer | None:
+    """A webhook URL this deployment will never deliver to (by its syntax: where its name
+    resolves is checked at each delivery) is refused now, not dead-lettered later."""
+    if request.webhook_url is None:
+        return None
+    try:
+        check_url(request.webhook_url, allow_private)
+    except WebhookTargetRefused as refused:
+        detail = f"webhook_url: {refused}"
+        return Answer(
+            _result(request, Status.REJECTED, reason=Reason.INVALID_REQUEST, detail=detail), None
+        )
+    return None
 
 
 def _duplicate(request: GenerationRequest, verdict: Verdict) -> Answer:
@@ -327,7 +354,8 @@ def _duplicate(request: GenerationRequest, verdict: Verdict) -> Answer:
             duplicate_of=verdict.admitted_request_id,
             detail=f"idempotency key {request.idempotency_key!r} was already used by "
             f"request {verdict.admitted_request_id}",
-        )
+        ),
+        request,
     )
 
 
@@ -354,7 +382,8 @@ def _overloaded(
             f"request(s) ahead, an estimated {queue.wait_s:.1f}s before a render starts, "
             f"{max(left_s, 0.0):.1f}s left before {_utc(deadline)}; retry in "
             f"{retry_after_ms} ms, or allow it longer",
-        )
+        ),
+        request,
     )
 
 

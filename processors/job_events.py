@@ -3,6 +3,10 @@ result it publishes itself. They are for watching a job, so they are sent best-e
 send that fails is counted (`imagegen_events_unsent_total`) and logged, and never holds
 back, fails or dead-letters the request it is about. Nothing waits for their
 acknowledgement before the batch is acked; a crash may lose the last few.
+
+The exception: a `finished` event that a webhook is sent on carries the request and result
+(`schemas.events`), and the app sends it as it sends the result, at least once: a job's
+`completed` webhook must not be lost, and its end is never told again.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from faust.types import ProducerT
 
 from imagegen.infra.metrics import EVENTS_UNSENT, RECORDS_PRODUCED
 from imagegen.processors.load import QueueEstimate
-from imagegen.schemas import GenerationRequest, GenerationResult, JobEvent, encode
+from imagegen.schemas import GenerationRequest, GenerationResult, JobEvent, Status, encode
 from imagegen.schemas.events import EventType
 from imagegen.schemas.fields import utc_now
 from imagegen.schemas.topics import EVENTS
@@ -36,16 +40,26 @@ def admitted(request: GenerationRequest, queue: QueueEstimate | None) -> JobEven
         at=at,
         queue_position=queue.ahead if queue is not None else None,
         estimated_start_at=at + timedelta(seconds=wait_s) if wait_s is not None else None,
+        request=request if request.webhook_wants("status") else None,
     )
 
 
-def finished(result: GenerationResult) -> JobEvent:
+def finished(result: GenerationResult, request: GenerationRequest | None) -> JobEvent:
+    """With the request and result on it where the request's webhook is sent on its end.
+    A duplicate's end is its original's, whose own webhook tells it."""
+    hooked = (
+        request is not None
+        and result.status is not Status.DUPLICATE
+        and request.webhook_wants("completed")
+    )
     return JobEvent(
         request_id=result.request_id,
         user_id=result.user_id,
         type=EventType.FINISHED,
         at=utc_now(),
         status=result.status,
+        request=request if hooked else None,
+        result=result if hooked else None,
     )
 
 

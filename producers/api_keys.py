@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import logging
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Producer
 
 from imagegen.infra.kafka import make_producer
 from imagegen.infra.key_book import KeyBook
-from imagegen.infra.metrics import RECORDS_PRODUCED
 from imagegen.infra.settings import Settings
-from imagegen.schemas import encode
+from imagegen.producers.operator_records import publish_and_wait
 from imagegen.schemas.api_keys import ApiKeyRecord, hash_key, key_id_of, mint_key
-from imagegen.schemas.errors import BrokerUnavailable, ImagegenError, PublishError
+from imagegen.schemas.errors import ImagegenError
 from imagegen.schemas.topics import API_KEYS
 
 DEFAULT_DELIVERY_TIMEOUT_S = 10.0
@@ -73,28 +72,12 @@ class KeyRegistry:
         return revoked
 
     def _publish(self, record: ApiKeyRecord) -> None:
-        outcome: list[KafkaError | None] = []
-
-        def delivered(error: KafkaError | None, _message: Message) -> None:
-            outcome.append(error)
-
-        try:
-            self._producer.produce(
-                API_KEYS, key=record.kafka_key, value=encode(record), on_delivery=delivered
-            )
-        except (KafkaException, BufferError) as exc:
-            raise PublishError(f"the producer refused the API key record: {exc}") from exc
-        # librdkafka reports every record by message.timeout.ms, so this flush returns then.
-        self._producer.flush(self._delivery_timeout_s + 5.0)
-        error = outcome[0] if outcome else KafkaError(KafkaError._MSG_TIMED_OUT)
-        if error is None:
-            RECORDS_PRODUCED.labels(API_KEYS).inc()
-            return
-        if error.code() == KafkaError._MSG_TIMED_OUT or error.retriable():
-            raise BrokerUnavailable(
-                f"the API key record was not acknowledged by Kafka at "
-                f"{self._settings.kafka_bootstrap} within {self._delivery_timeout_s:g}s "
-                f"({error.str()}). Check that the broker is up and IMAGEGEN_KAFKA_BOOTSTRAP "
-                "points at it."
-            )
-        raise PublishError(f"Kafka refused the API key record: {error.str()}")
+        publish_and_wait(
+            self._producer,
+            API_KEYS,
+            record.kafka_key,
+            record,
+            "the API key record",
+            self._settings.kafka_bootstrap,
+            self._delivery_timeout_s,
+        )

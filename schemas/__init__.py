@@ -11,6 +11,7 @@ from imagegen.schemas.events import EventType, JobEvent
 from imagegen.schemas.fields import SCHEMA_VERSION, new_request_id
 from imagegen.schemas.requests import GenerationRequest, OutputFormat, Priority
 from imagegen.schemas.results import GenerationResult, Reason, Status, Timings
+from imagegen.schemas.webhook_secrets import WebhookSecretRecord, mint_secret
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -28,11 +29,13 @@ __all__ = [
     "Stage",
     "Status",
     "Timings",
+    "WebhookSecretRecord",
     "build",
     "decode",
     "encode",
     "hash_key",
     "key_id_of",
     "mint_key",
+    "mint_secret",
     "new_request_id",
 ]

@@ -50,6 +50,8 @@ class Stage(StrEnum):
     RENDER = "render"
     STORE = "store"
     PUBLISH = "publish"
+    #: A webhook was not delivered within IMAGEGEN_WEBHOOK_RETRY_S, or its URL is refused.
+    WEBHOOK = "webhook"
 
 
 def _tail(text: str, limit: int) -> str:

@@ -4,6 +4,10 @@ Events are for watching a job; its result on `imagegen.results` stays the one an
 processor sends `admitted` (and `finished` for the requests it answers itself); the worker
 sends `started`, `progress` and `finished`. All of a request's events share its key, so
 they lie in one partition in the order they were sent.
+
+An event of a request with a webhook (`GenerationRequest.webhook_wants`) carries the request,
+and a `finished` one the result as well: the webhook deliverer builds the job document from
+the event alone. Other events stay small.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from imagegen.schemas.fields import (
     UserId,
     UtcDatetime,
 )
-from imagegen.schemas.results import Status
+from imagegen.schemas.requests import GenerationRequest
+from imagegen.schemas.results import GenerationResult, Status
 
 
 class EventType(StrEnum):
@@ -55,6 +60,14 @@ class JobEvent(BaseModel):
     )
     status: Status | None = Field(default=None, description="The result's status, once finished.")
     worker_id: str | None = Field(default=None, max_length=256)
+    request: GenerationRequest | None = Field(
+        default=None,
+        description="The request, on the events its webhook is sent on, so that the webhook "
+        "deliverer looks nothing up.",
+    )
+    result: GenerationResult | None = Field(
+        default=None, description="The result, on a finished event that carries the request."
+    )
 
     @property
     def kafka_key(self) -> bytes:

@@ -13,6 +13,7 @@ from imagegen.schemas.codec import MAX_MESSAGE_BYTES
 from imagegen.schemas.events import JobEvent
 from imagegen.schemas.requests import GenerationRequest
 from imagegen.schemas.results import GenerationResult
+from imagegen.schemas.webhook_deliveries import WebhookDelivery
 
 JSON_DIR = Path(__file__).parent / "json"
 CONTRACTS: dict[str, type[BaseModel]] = {
@@ -21,6 +22,7 @@ CONTRACTS: dict[str, type[BaseModel]] = {
     "job_event.v1.json": JobEvent,
     "cancel_request.v1.json": CancelRequest,
     "api_key.v1.json": ApiKeyRecord,
+    "webhook_delivery.v1.json": WebhookDelivery,
 }
 
 

@@ -63,6 +63,10 @@ API_KEY_ID_PATTERN: Final = _whole(r"[a-z0-9]{12}")
 # Any character but a control one (Unicode Cc); the length is `maxLength`'s, which counts
 # code points in every engine (a regex count would count UTF-16 units in ECMA-262).
 LABEL_PATTERN: Final = _whole(r"[^\x00-\x1f\x7f-\x9f]+")
+# http(s) and no spaces or control characters; which schemes and hosts a deliverer accepts is
+# the deployment's (`infra.webhook_targets`), so the contract stays this loose.
+WEBHOOK_URL_PATTERN: Final = _whole(r"[Hh][Tt][Tt][Pp][Ss]?://[^\x00-\x20\x7f-\x9f]+")
+WEBHOOK_ID_PATTERN: Final = _whole(r"msg_[0-9a-f]{32}")
 DATE_TIME_PATTERN: Final = _whole(
     rf"{_YEAR_RANGE}(?:[0-9]{{4}}-(?:{_MONTH_DAY})|(?:{_LEAP_YEAR})-02-29)T{_TIME}(?:{_OFFSET})"
 )
@@ -81,6 +85,8 @@ PATTERN_HELP: Final = {
     SHA256_PATTERN.pattern: "must be 64 lowercase hex digits",
     API_KEY_ID_PATTERN.pattern: "must be 12 lowercase letters or digits",
     LABEL_PATTERN.pattern: "must not be empty nor contain control characters",
+    WEBHOOK_URL_PATTERN.pattern: "must be an https:// URL without spaces or control characters",
+    WEBHOOK_ID_PATTERN.pattern: "must be msg_ and 32 lowercase hex digits",
 }
 
 
@@ -144,6 +150,8 @@ IdempotencyKey = Annotated[
     str, Field(min_length=1, max_length=128, pattern=IDEMPOTENCY_KEY_PATTERN)
 ]
 Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
+WebhookUrl = Annotated[str, Field(max_length=2048, pattern=WEBHOOK_URL_PATTERN)]
+WebhookId = Annotated[str, Field(pattern=WEBHOOK_ID_PATTERN)]
 # Every integer on the wire is one of these, so that 512.0 reads as 512. The bounds come
 # before the validator: after it, pydantic would export them as "ge"/"le", which JSON Schema
 # does not know.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from imagegen.schemas.codec import build
 from imagegen.schemas.fields import (
@@ -21,6 +21,7 @@ from imagegen.schemas.fields import (
     Steps,
     UserId,
     UtcDatetime,
+    WebhookUrl,
     new_request_id,
     utc_now,
 )
@@ -28,6 +29,8 @@ from imagegen.schemas.fields import (
 OutputFormat = Literal["png", "jpeg", "webp"]
 #: `interactive` work is rendered first; `batch` work only while no interactive work waits.
 Priority = Literal["interactive", "batch"]
+#: What a webhook is sent on: the job's end, its steps, its queued/running changes.
+WebhookEvent = Literal["completed", "progress", "status"]
 
 
 class GenerationRequest(BaseModel):
@@ -60,6 +63,30 @@ class GenerationRequest(BaseModel):
         description="No render starts after this; when absent, submitted_at plus the "
         "deployment's IMAGEGEN_DEFAULT_TTL_S.",
     )
+    webhook_url: WebhookUrl | None = Field(
+        default=None,
+        description="Where `imagegen webhooks` POSTs the job, signed with the user's webhook "
+        "secret (Standard Webhooks), on each event in webhook_events.",
+    )
+    webhook_events: list[WebhookEvent] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=3,
+        description="Which events the webhook is sent on; when absent, `completed` only.",
+    )
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _webhook_events_need_a_url(
+        cls, events: list[WebhookEvent] | None, info: ValidationInfo
+    ) -> list[WebhookEvent] | None:
+        # webhook_url is declared first, so it is validated (and in info.data) by now.
+        if events is not None:
+            if info.data.get("webhook_url") is None:
+                raise ValueError("needs a webhook_url")
+            if len(set(events)) != len(events):
+                raise ValueError("lists an event twice")
+        return events
 
     @classmethod
     def new(cls, **fields: Any) -> Self:
@@ -74,6 +101,12 @@ class GenerationRequest(BaseModel):
     @property
     def kafka_key(self) -> bytes:
         return self.user_id.encode()
+
+    def webhook_wants(self, event: WebhookEvent) -> bool:
+        """Whether the request's webhook is sent on `event`."""
+        if self.webhook_url is None:
+            return False
+        return event in (self.webhook_events or ("completed",))
 
     def deadline(self, default_ttl_s: float) -> datetime:
         """When the request expires: `expires_at`, else `submitted_at` + `default_ttl_s`."""

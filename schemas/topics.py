@@ -20,9 +20,17 @@ CANCELLATIONS = "imagegen.cancellations"
 #: `ApiKeyRecord`s of the HTTP gateway, keyed by key_id; compacted. Only operators write it.
 API_KEYS = "imagegen.api-keys"
 
+#: `WebhookSecretRecord`s, keyed by user_id; compacted. Only operators write it.
+WEBHOOK_SECRETS = "imagegen.webhook-secrets"
+#: Webhook deliveries waiting for their next attempt, one topic per delay: a record waits
+#: in the topic of its delay, so each topic's oldest record is always the first one due.
+WEBHOOK_RETRIES = tuple(f"imagegen.webhooks.retry.{tier}" for tier in range(1, 5))
+
 #: The faust app id of the processor; it reads `REQUESTS`.
 PROCESSOR_GROUP = "imagegen-processor"
 #: The render workers' group; it reads `RENDER` and `RENDER_BATCH`.
 WORKER_GROUP = "imagegen-workers"
 #: The gateways' group that indexes results into the job store; it reads `RESULTS`.
 JOB_INDEX_GROUP = "imagegen-job-index"
+#: The webhook deliverers' group; it reads `EVENTS` and `WEBHOOK_RETRIES`.
+WEBHOOK_GROUP = "imagegen-webhooks"

@@ -27,8 +27,11 @@ TEST_SETTINGS = {
     # none serves metrics (on a fixed port) unless its test asks for it.
     "processor_metrics_port": 0,
     "worker_metrics_port": 0,
+    "webhooks_metrics_port": 0,
     # Operators and processors of a test stack share a replay key, as a deployment's do.
     "replay_key": "test-replay",
+    # Test receivers listen on 127.0.0.1, over plain http.
+    "webhook_allow_private": True,
 }
 
 

@@ -24,6 +24,7 @@ from imagegen.client import (
     RateLimited,
     Unauthorized,
     Unavailable,
+    base,
 )
 from imagegen.client.errors import error_from
 from imagegen.client.sse import EventParser
@@ -112,6 +113,20 @@ def test_a_client_without_address_or_key_names_the_settings(
     monkeypatch.setenv("IMAGEGEN_GATEWAY_URL", "http://127.0.0.1:1")
     with pytest.raises(ClientConfigError, match="set IMAGEGEN_API_KEY"):
         AsyncClient()
+
+
+def test_only_a_waiting_call_waits_longer_and_asks_for_its_exact_wait() -> None:
+    default = httpx.Timeout(30.0, connect=5.0)
+    waiting = base.generation("a fox", None, 0.5, {})
+    assert waiting.headers == {"Prefer": "wait=0.5"}
+    assert base.timeout_of(waiting, default) == default  # 0.5 s + margin is within 30 s
+    long_wait = base.generation("a fox", None, 60, {})
+    assert base.timeout_of(long_wait, default).read == 60 + base.WAIT_MARGIN_S
+    assert base.timeout_of(long_wait, default).connect == 5.0
+    plain = base.generation("a fox", None, None, {})
+    assert base.timeout_of(plain, default) == default and plain.headers == {}
+    with pytest.raises(ValueError, match="at most 60"):
+        base.generation("a fox", None, 61, {})
 
 
 # ---- against a gateway ---------------------------------------------------------------------

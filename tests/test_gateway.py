@@ -1,6 +1,6 @@
 """The HTTP gateway as a real uvicorn process, against the embedded stack with a real
 processor and a real `tiny` worker: keys, submissions and their decisions, jobs, images,
-idempotency, rate limits, cancellation, listing and the event stream.
+idempotency, rate limits, cancellation, listing, the event stream, and a store outage.
 
 One processor, worker and gateway serve the whole module; every test has users of its own,
 so that each starts with a full token bucket (the processor's burst is low, 3, for the
@@ -18,13 +18,26 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from imagegen.gateway.job_store import JobRecord, JobStore
+from imagegen.infra.kafka import make_producer
+from imagegen.infra.object_store import ObjectStore
 from imagegen.infra.settings import Settings
-from imagegen.schemas import GenerationRequest, GenerationResult, decode
-from imagegen.schemas.topics import REQUESTS, RESULTS
+from imagegen.schemas import (
+    EventType,
+    GenerationRequest,
+    GenerationResult,
+    JobEvent,
+    Status,
+    decode,
+    encode,
+)
+from imagegen.schemas.fields import utc_now
+from imagegen.schemas.topics import EVENTS, REQUESTS, RESULTS
 from tests.conftest import settings_env
 from tests.gateway_process import GatewayProcess, api_key
 from tests.helpers import read_topic
 from tests.processes import Service
+from tests.proxy import Proxy
 
 SMALL = {"width": 64, "height": 64, "steps": 2}
 SLOW = {"width": 256, "height": 256, "steps": 100}
@@ -172,10 +185,13 @@ def _wait_until_ended(http: httpx.Client, job_id: str) -> dict:
 
 
 def _events(
-    http: httpx.Client, job_id: str, last_event_id: int | None = None
+    http: httpx.Client, job_id: str, last_event_id: int | None = None, path: str = "/events"
 ) -> Iterator[tuple[str, int, dict]]:
-    headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
-    with http.stream("GET", f"/v1/images/jobs/{job_id}/events", headers=headers) as stream:
+    """The job's server-sent events, at `/events` or (with `path=""`) at the job's URL."""
+    headers = {"Accept": "text/event-stream"}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = str(last_event_id)
+    with http.stream("GET", f"/v1/images/jobs/{job_id}{path}", headers=headers) as stream:
         assert stream.status_code == 200
         assert stream.headers["content-type"].startswith("text/event-stream")
         fields: dict[str, str] = {}
@@ -216,11 +232,14 @@ def test_bad_bodies_are_422_naming_each_field_and_publish_nothing(
         assert [field] in [error["loc"][1:] for error in problem["errors"]], problem
     assert_problem(http.post("/v1/images/generations", content=b"{"), 422, "invalid-request")
     assert_problem(http.post("/v1/images/generations", json=[1]), 422, "invalid-request")
-    assert_problem(
-        http.post("/v1/images/generations", json=body(), headers={"Idempotency-Key": "a\tb"}),
+    bad_key = {"Idempotency-Key": "a\tb"}
+    problem = assert_problem(
+        http.post("/v1/images/generations", json=body(width=65), headers=bad_key),
         422,
         "invalid-request",
     )
+    locs = [error["loc"] for error in problem["errors"]]
+    assert ["header", "Idempotency-Key"] in locs and ["body", "width"] in locs, problem
 
     marker = http.post("/v1/images/generations", json=body(prompt="the marker"))
     assert marker.status_code == 202
@@ -284,6 +303,12 @@ def test_an_idempotent_resubmission_is_the_same_job_rendered_once(
     assert again.json()["id"] == job_id
     mismatch = http.post("/v1/images/generations", json=body(seed=4), headers=key)
     assert assert_problem(mismatch, 422, "idempotency-key-mismatch")["job_id"] == job_id
+    # The same request, with defaults spelled out: the same body, as validated.
+    spelled = http.post(
+        "/v1/images/generations", json=body(seed=3, model="tiny", guidance_scale=7.5), headers=key
+    )
+    assert spelled.status_code in (200, 202), spelled.text
+    assert spelled.json()["id"] == job_id
 
     assert _wait_until_ended(http, job_id)["status"] == "succeeded"
     results = read_topic(
@@ -364,6 +389,96 @@ def test_the_event_stream_replays_what_the_job_implies_after_last_event_id(
     assert list(_events(http, job_id, last_event_id=1000)) == []
     assert [i for _, i, _ in _events(http, job_id, last_event_id=2)] == [1000]
     assert ended["status"] == "succeeded"
+
+
+def test_the_jobs_url_streams_its_events_when_asked_for_text_event_stream(
+    http: httpx.Client,
+) -> None:
+    job_id = http.post("/v1/images/generations", json=body()).json()["id"]
+    streamed = list(_events(http, job_id, path=""))
+    name, event_id, ended = streamed[-1]
+    assert (name, event_id, ended["status"]) == ("completed", 1000, "succeeded"), streamed
+    assert [i for _, i, _ in streamed] == sorted({i for _, i, _ in streamed})
+    assert list(_events(http, job_id, last_event_id=1000, path="")) == []
+    # Without asking, the same URL is the Job.
+    plain = http.get(f"/v1/images/jobs/{job_id}", headers={"Accept": "*/*"})
+    assert plain.headers["content-type"] == "application/json"
+    assert plain.json()["status"] == "succeeded"
+
+
+def _stored_job(settings: Settings, user_id: str, result: bool) -> str:
+    """A job in the job store, with a succeeded result when `result`, as the indexer leaves
+    one whose result came before this gateway started."""
+    jobs = JobStore(ObjectStore(settings))
+    request = GenerationRequest.new(user_id=user_id, prompt="a stored fox", **SMALL)
+    jobs.put_job(JobRecord(request=request, created_at=request.submitted_at, body_sha256="0" * 64))
+    if result:
+        jobs.put_result(
+            GenerationResult(
+                request_id=request.request_id,
+                user_id=user_id,
+                status=Status.SUCCEEDED,
+                bucket=settings.s3_bucket,
+                object_key=f"v1/{user_id}/{request.request_id}.png",
+                content_type="image/png",
+                size_bytes=10,
+                sha256="ab" * 32,
+                completed_at=utc_now(),
+            )
+        )
+    return request.request_id
+
+
+def test_a_job_whose_result_came_before_the_gateway_stays_ended_after_its_finished_event(
+    gateway: str, settings: Settings
+) -> None:
+    owner = user()
+    ended, marker = _stored_job(settings, owner, True), _stored_job(settings, owner, False)
+    with client(gateway, api_key(settings, owner)) as http:
+        assert _eventually(lambda: http.get("/v1/images/jobs").status_code == 200)
+        assert http.get(f"/v1/images/jobs/{ended}").json()["status"] == "succeeded"
+        stream = _events(http, marker)
+        assert next(stream)[:2] == ("status", 1)  # queued: the stream follows the hub now
+        # One partition holds both, so the hub reads `finished` before the marker's
+        # progress (not a `started`, which the processor's fleet watch would count).
+        finished = JobEvent(request_id=ended, user_id=owner, type=EventType.FINISHED, at=utc_now())
+        progress = JobEvent(
+            request_id=marker, user_id=owner, type=EventType.PROGRESS, at=utc_now(), step=1, steps=2
+        )
+        producer = make_producer(settings)
+        for event in (finished, progress):
+            producer.produce(EVENTS, key=event.kafka_key, value=encode(event), partition=0)
+        assert producer.flush(10) == 0
+        assert next(stream)[:2] == ("status", 2)  # the hub read the marker's progress
+        stream.close()
+        assert http.get(f"/v1/images/jobs/{ended}").json()["status"] == "succeeded"
+
+
+def test_a_store_outage_is_503_unavailable_with_retry_after_then_recovers(
+    settings: Settings, tmp_path
+) -> None:
+    host, port = settings.s3_endpoint.rsplit(":", 1)
+    proxy = Proxy(host, int(port))
+    through_proxy = settings.model_copy(update={"s3_endpoint": proxy.address})
+    owner = user()
+    job_id = _stored_job(settings, owner, False)  # nothing published: no pipeline needed
+    try:
+        with (
+            GatewayProcess(through_proxy, tmp_path / "gateway.log") as gateway,
+            client(gateway.url, api_key(settings, owner)) as http,
+        ):
+            assert _eventually(lambda: http.get("/v1/images/jobs").status_code == 200)
+            proxy.cut()
+            for path in ("/v1/images/jobs", f"/v1/images/jobs/{job_id}"):
+                answer = http.get(path)
+                problem = assert_problem(answer, 503, "unavailable")
+                assert int(answer.headers["retry-after"]) >= 1 and problem["retry_after_ms"] > 0
+            proxy.restore()
+            # Nothing outside the gateway says when its store connections are back.
+            assert _eventually(lambda: http.get(f"/v1/images/jobs/{job_id}").status_code == 200)
+            assert http.get("/v1/images/jobs").json()["data"][0]["id"] == job_id
+    finally:
+        proxy.close()
 
 
 def test_jobs_list_newest_first_page_by_page(http: httpx.Client) -> None:

@@ -1,5 +1,6 @@
 """Several gateway instances share nothing but the broker and the bucket: any one answers
-for every job, one dying loses none, and a restart finds every job in the job store."""
+for every job, one dying (SIGKILL) loses none, and a new one finds every job in the job
+store."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from imagegen.gateway.job_store import JobStore
+from imagegen.infra.object_store import ObjectStore
 from imagegen.infra.settings import Settings
 from tests.conftest import settings_env
 from tests.gateway_process import GatewayProcess, api_key
@@ -70,7 +73,20 @@ def _submit(url: str, headers: dict[str, str], prompt: str) -> str:
     return answer.json()["id"]
 
 
-def test_a_restart_reads_every_job_and_a_killed_instance_loses_none(
+def _all_indexed(settings: Settings, ids: list[str]) -> None:
+    """Every job's result is in the job store within SETTLE_S: the indexers write them as
+    they read imagegen.results, which tells nobody outside."""
+    jobs = JobStore(ObjectStore(settings))
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        missing = [job_id for job_id in ids if jobs.result(job_id) is None]
+        if not missing:
+            return
+        assert time.monotonic() < deadline, f"not indexed: {missing}"
+        time.sleep(0.5)
+
+
+def test_a_killed_instance_loses_no_job_and_a_new_one_reads_every_job(
     pipeline: None, settings: Settings, tmp_path
 ) -> None:
     del pipeline
@@ -83,27 +99,37 @@ def test_a_restart_reads_every_job_and_a_killed_instance_loses_none(
             _submit((first if index % 2 else second).url, headers, f"a kite, number {index}")
             for index in range(6)
         ]
-        # Any instance streams any job's events: the second follows one the first took.
+
+        # One instance dies with its jobs in flight: SIGKILL, no shutdown code runs, and it
+        # never leaves the group imagegen-job-index.
+        first.kill()
+        # The other answers for every job, old and new, and streams the events of one the
+        # dead one took.
+        ids.append(_submit(second.url, headers, "a kite after the crash"))
         events = f"{second.url}/v1/images/jobs/{ids[1]}/events"
         with httpx.stream("GET", events, headers=headers, timeout=WAIT_S) as stream:
             lines = list(stream.iter_lines())
         assert "event: completed" in lines and "id: 1000" in lines, lines
-        _all_succeed(first.url, token, ids)
+        _all_succeed(second.url, token, ids)
+        # Its indexer took over the dead one's partitions once the session timed out: with
+        # no other gateway running, every result reached the job store through it.
+        _all_indexed(settings, ids)
 
-        # A restart forgets everything but the store: every job reads as it was.
+        # A new instance after the crash joins the group (it would not be ready otherwise)
+        # and, knowing nothing but the store, reads every job as it was.
+        first.restart()
+        _all_succeed(first.url, token, ids)
+        with httpx.Client(base_url=first.url, headers=headers, timeout=WAIT_S) as http:
+            listed = http.get("/v1/images/jobs", params={"limit": 100}).json()["data"]
+        assert {job["id"] for job in listed} == set(ids)
+
+        # A clean stop leaves the group: the one left indexes what comes next.
         # SIGTERM: a full shutdown, then uvicorn ends the process by the same signal.
         assert second.stop() == -signal.SIGTERM, second.tail()
         assert "Application shutdown complete" in second.tail()
-        second.restart()
-        _all_succeed(second.url, token, ids)
-
-        # One instance dies: the other answers for every job, old and new.
-        first.kill()
-        ids.append(_submit(second.url, headers, "a kite after the crash"))
-        _all_succeed(second.url, token, ids)
-        with httpx.Client(base_url=second.url, headers=headers, timeout=WAIT_S) as http:
-            listed = http.get("/v1/images/jobs", params={"limit": 100}).json()["data"]
-        assert {job["id"] for job in listed} == set(ids)
+        ids.append(_submit(first.url, headers, "a kite after the stop"))
+        _all_succeed(first.url, token, ids)
+        _all_indexed(settings, ids)
     finally:
         for gateway in (first, second):
             if gateway.process is not None and gateway.process.poll() is None:

@@ -260,3 +260,19 @@ def test_a_failed_answer_is_answered_publish_error() -> None:
 @pytest.mark.parametrize("outcome", [Drop("r"), Invalid(InvalidMessage("bad"), None)])
 def test_records_without_an_answer_get_none_when_their_sends_fail(outcome: Outcome) -> None:
     assert make_intake(Clock()).unpublished(outcome, 0, 0, RuntimeError("x")) is None
+
+
+def test_a_webhook_url_the_deployment_refuses_is_rejected_and_never_told() -> None:
+    plain_http = request(webhook_url="http://hooks.example/imagegen?token=s3cret")
+    outcome = decide(make_intake(Clock()), encode(plain_http), partition=0, offset=0)
+    assert isinstance(outcome, Answer) and outcome.request is None  # no webhook for it
+    assert outcome.result.reason is Reason.INVALID_REQUEST
+    assert (
+        outcome.result.detail is not None
+        and "IMAGEGEN_WEBHOOK_ALLOW_PRIVATE" in outcome.result.detail
+    )
+    assert "s3cret" not in outcome.result.detail
+    allowed = make_intake(Clock(), webhook_allow_private=True)
+    assert isinstance(decide(allowed, encode(plain_http), partition=0, offset=0), Admit)
+    public = request(webhook_url="https://hooks.example/imagegen")
+    assert isinstance(decide(make_intake(Clock()), encode(public), partition=0, offset=0), Admit)

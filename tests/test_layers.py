@@ -28,8 +28,11 @@ RANKS = {
     "imagegen.consumers": 2,
     "imagegen.client": 2,
     "imagegen.gateway": 3,
-    "imagegen.cli": 4,
-    "imagegen": 5,  # __init__, and __main__ that runs the CLI
+    # The deliverer builds the gateway's job document; `imagegen.webhooks.verify`, for
+    # receivers, imports nothing but the standard library.
+    "imagegen.webhooks": 4,
+    "imagegen.cli": 5,
+    "imagegen": 6,  # __init__, and __main__ that runs the CLI
 }
 HEAVY = ("torch", "diffusers", "transformers", "faust", "PIL", "fastapi", "uvicorn")
 

@@ -12,6 +12,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -25,7 +26,15 @@ from imagegen.infra.kafka import make_admin, make_producer
 from imagegen.infra.logs import REDACTED, configure_logging, secrets_of
 from imagegen.infra.object_store import ObjectStore
 from imagegen.infra.settings import Settings, as_environment, load_settings
-from imagegen.schemas import GenerationResult, Status, encode, mint_key, new_request_id
+from imagegen.schemas import (
+    GenerationResult,
+    Status,
+    WebhookSecretRecord,
+    encode,
+    mint_key,
+    mint_secret,
+    new_request_id,
+)
 from imagegen.schemas.errors import ConfigError
 from imagegen.schemas.topics import RESULTS
 from tests.conftest import settings_env
@@ -82,14 +91,43 @@ def test_secrets_and_signed_urls_are_scrubbed_from_every_part_of_a_line(
     log.info("replay mark %s", "replay-key-7c21", stack_info=True)
     api_key = mint_key()
     log.warning("a client sent Authorization: Bearer %s", api_key)
+    webhook_secret = mint_secret()
+    log.warning("signing with %s", webhook_secret)
+    log.warning(
+        "a record %s", encode(WebhookSecretRecord.new(user_id="ann", secret=webhook_secret))
+    )
 
     err = capsys.readouterr().err
     assert_clean(err, settings, "5d672d79c15b13162d9279b0855cfba6789a8edb4c82c400e06b5924a6f2b5d7")
     assert "abc123" not in err and "AKIDEXAMPLE" not in err
     assert api_key not in err and api_key[:-43] in err  # the key_id stays, the secret goes
+    assert webhook_secret.removeprefix("whsec_") not in err
+    assert f"whsec_{REDACTED}" in err
     # What is not secret stays readable.
     assert "bucket images failed" in err and "RuntimeError" in err and "X-Amz-Algorithm" in err
-    assert err.count(REDACTED) >= 9
+    assert err.count(REDACTED) >= 11
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        lambda secret: secret,
+        lambda secret: secret[:20],  # cut short, still secret
+        lambda secret: secret.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D"),
+        lambda secret: repr({"secret": secret}),
+        lambda secret: "whsec_" + secret[6:].replace("+", "-").replace("/", "_"),
+    ],
+)
+def test_webhook_secrets_are_scrubbed_however_spelled(
+    root_logging: None, capsys: pytest.CaptureFixture[str], spelling: Callable[[str], str]
+) -> None:
+    configure_logging(load_settings(), "debug")
+    secret = mint_secret()
+    written = spelling(secret)
+    logging.getLogger("test.redaction").info("the secret is %s, as said", written)
+    err = capsys.readouterr().err
+    assert written.split("whsec_")[1][:8] not in err, err
+    assert f"whsec_{REDACTED}" in err and "as said" in err
 
 
 def test_settings_loading_says_nothing_secret(

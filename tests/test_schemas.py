@@ -235,7 +235,8 @@ def test_any_single_field_change_is_accepted_or_named(field: str, value: object)
     try:
         request = decode(GenerationRequest, as_bytes(valid_fields(**{field: value})))
     except InvalidMessage as exc:
-        assert [name for name, _ in exc.problems] == [field]
+        # A list's error names its item: webhook_events.0
+        assert {name.partition(".")[0] for name, _ in exc.problems} == {field}
     else:
         jsonschema.validate(json.loads(encode(request)), REQUEST_SCHEMA)
 
@@ -320,3 +321,30 @@ def test_an_api_key_record_matches_the_published_schema() -> None:
     for each in (record, record.revoked()):
         jsonschema.validate(json.loads(encode(each)), schema)
         assert decode(ApiKeyRecord, encode(each)) == each
+
+
+def test_a_webhook_is_sent_on_completed_unless_the_request_names_its_events() -> None:
+    plain = GenerationRequest.new(**valid_fields(webhook_url="https://hooks.example/a"))
+    assert plain.webhook_wants("completed") and not plain.webhook_wants("progress")
+    chosen = GenerationRequest.new(
+        **valid_fields(webhook_url="https://hooks.example/a", webhook_events=["progress"])
+    )
+    assert chosen.webhook_wants("progress") and not chosen.webhook_wants("completed")
+    assert not GenerationRequest.new(**valid_fields()).webhook_wants("completed")
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"webhook_events": ["completed"]}, "needs a webhook_url"),
+        (
+            {"webhook_url": "https://hooks.example/a", "webhook_events": ["status", "status"]},
+            "lists an event twice",
+        ),
+        ({"webhook_url": "ftp://hooks.example/a"}, "must be an https:// URL"),
+        ({"webhook_url": "https://hooks.example/a b"}, "must be an https:// URL"),
+    ],
+)
+def test_a_bad_webhook_is_named(changes: dict[str, object], problem: str) -> None:
+    with pytest.raises(InvalidMessage, match=problem):
+        decode(GenerationRequest, as_bytes(valid_fields(**changes)))

@@ -194,6 +194,8 @@ METRICS = {
     "imagegen_jobs_ended_early_total": "counter",
     "imagegen_cancellations_ignored_total": "counter",
     "imagegen_events_unsent_total": "counter",
+    "imagegen_webhook_deliveries_total": "counter",
+    "imagegen_webhook_seconds": "histogram",
     "imagegen_fleet_start_rate": "gauge",
     "imagegen_consumer_lag": "gauge",
     "imagegen_gpu_memory_allocated_bytes": "gauge",
@@ -253,7 +255,7 @@ def test_prometheus_scrapes_the_host_processes_that_compose_points_it_at() -> No
         for static in job["static_configs"]
         for target in static["targets"]
     }
-    assert targets == {"host.docker.internal:9464", "host.docker.internal:9465"}
+    assert targets == {f"host.docker.internal:{port}" for port in (9464, 9465, 9466)}
     # Every file compose mounts into Prometheus and Grafana is in the repository.
     for service in ("prometheus", "grafana"):
         for volume in compose["services"][service]["volumes"]:

@@ -336,6 +336,8 @@ def test_a_request_failed_by_an_outage_succeeds_after_replay_and_renders_once(
         (failed,) = results_for(isolated_stack, {request.request_id})[request.request_id]
         assert (failed.status, failed.reason) == (Status.FAILED, Reason.STORE_ERROR)
         proxy.restore()
+        # The letter and the result go out together, but a reader may see the result first.
+        read_topic(isolated_stack, DLQ, lambda ms: len(ms) >= 1)
 
         failures = FailedRecords(isolated_stack, Filters(request_id=request.request_id))
         assert [failure.latest.letter.stage for failure in failures] == [Stage.STORE]

@@ -22,6 +22,7 @@ from imagegen.cli.status import pipeline_status
 from imagegen.cli.submit import submit
 from imagegen.cli.usage import usage
 from imagegen.cli.watch import watch
+from imagegen.cli.webhooks import webhooks
 from imagegen.cli.worker import worker
 from imagegen.infra.embedded import EMBEDDED_FETCH_WAIT_MS, EmbeddedStack
 from imagegen.infra.provision import provision
@@ -49,6 +50,7 @@ app.command("cancel")(cancel)
 app.command("processor")(processor)
 app.command("worker")(worker)
 app.command("gateway")(gateway)
+app.command("webhooks")(webhooks)
 app.command("results")(results)
 app.command("fetch")(fetch)
 app.command("status")(pipeline_status)

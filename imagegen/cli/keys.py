@@ -1,8 +1,11 @@
-"""`imagegen keys create|list|revoke`: the API keys of the HTTP gateway, for operators.
+"""`imagegen keys create|list|revoke|webhook-secret`: the API keys of the HTTP gateway and
+the users' webhook secrets, for operators.
 
 `create` prints the new key alone on stdout, so that a script can capture it
 (`KEY=$(imagegen keys create --user alice)`); it is shown this once, and only its hash is kept.
-Listings show key ids, never a key or its hash.
+Listings show key ids, never a key or its hash. `webhook-secret` prints a user's webhook
+signing secret alone on stdout the same way; unlike a key it can be shown again, since
+signing needs the secret itself.
 """
 
 from __future__ import annotations
@@ -18,17 +21,20 @@ from rich.table import Table
 from imagegen.infra.kafka import check_broker
 from imagegen.infra.key_book import KeyBook
 from imagegen.infra.settings import load_settings
+from imagegen.infra.webhook_secret_book import WebhookSecretBook
 from imagegen.producers.api_keys import KeyRegistry, UnknownKey
+from imagegen.producers.webhook_secrets import WebhookSecretRegistry
 from imagegen.schemas.api_keys import ApiKeyRecord, key_id_of
 from imagegen.schemas.fields import API_KEY_ID_PATTERN
-from imagegen.schemas.topics import API_KEYS
+from imagegen.schemas.topics import API_KEYS, WEBHOOK_SECRETS
 
 console = Console(soft_wrap=True, highlight=False)
 notes = Console(stderr=True, soft_wrap=True, highlight=False)
 keys_app = typer.Typer(
     no_args_is_help=True,
-    help=f"The HTTP gateway's API keys, on {API_KEYS}. Writing that topic takes an "
-    "operator's Kafka credentials.",
+    help=f"The HTTP gateway's API keys, on {API_KEYS}, and the users' webhook signing "
+    f"secrets, on {WEBHOOK_SECRETS}. Writing those topics takes an operator's Kafka "
+    "credentials.",
 )
 
 
@@ -42,11 +48,17 @@ def create(
     """Make a key for a user and print it, alone, on stdout."""
     settings = load_settings()
     check_broker(settings)
+    # The user's webhook secret first: the webhooks of the key's first job are signed, and a
+    # failure here leaves no key made but never shown.
+    with WebhookSecretBook(settings) as book:
+        WebhookSecretRegistry(settings).current(user, book)
     token, record = KeyRegistry(settings).create(user, name)
     typer.echo(token)
     notes.print(
         f"API key {record.key_id} of {escape(record.user_id)}: shown this once and kept only "
-        "as a hash, so store it now. Send it as `Authorization: Bearer <key>`."
+        "as a hash, so store it now. Send it as `Authorization: Bearer <key>`. The user's "
+        "webhooks are signed with their webhook secret: `imagegen keys webhook-secret --user "
+        f"{escape(record.user_id)}` prints it."
     )
 
 
@@ -100,6 +112,42 @@ def revoke(
     console.print(
         f"API key {record.key_id} of {escape(record.user_id)} is revoked "
         f"(since {record.revoked_at:%Y-%m-%d %H:%M:%SZ})"
+    )
+
+
+@keys_app.command("webhook-secret")
+def webhook_secret(
+    user: Annotated[str, typer.Option("--user", "-u", help="The user whose webhooks it signs.")],
+    rotate: Annotated[
+        bool,
+        typer.Option(
+            "--rotate",
+            help="Make a new secret; the old one keeps signing beside it for 24 hours.",
+        ),
+    ] = False,
+) -> None:
+    """Print a user's webhook signing secret, alone, on stdout (made the first time)."""
+    settings = load_settings()
+    check_broker(settings)
+    registry = WebhookSecretRegistry(settings)
+    with WebhookSecretBook(settings) as book:
+        record = registry.rotate(user, book) if rotate else registry.current(user, book)
+    typer.echo(record.secret)
+    if rotate and record.previous_expires_at is not None:
+        grace = (
+            "Deliveries are signed with it and with the previous secret until "
+            f"{record.previous_expires_at:%Y-%m-%d %H:%M:%SZ}: give the receiver this one "
+            "before then."
+        )
+    else:
+        grace = (
+            "`--rotate` makes a new one; the old one keeps being signed with for 24 hours, "
+            "so the receiver can switch meanwhile."
+        )
+    notes.print(
+        f"The webhook signing secret of {escape(record.user_id)} (on {WEBHOOK_SECRETS}): "
+        "receivers check the `webhook-signature` of each delivery with it "
+        f"(`imagegen.webhooks.verify`, Standard Webhooks). {grace}"
     )
 
 

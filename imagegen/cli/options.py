@@ -31,3 +31,7 @@ WorkerMetricsPort = Annotated[
     int | None,
     typer.Option(min=0, max=65535, help=_metrics_port_help("IMAGEGEN_WORKER_METRICS_PORT", 9465)),
 ]
+WebhooksMetricsPort = Annotated[
+    int | None,
+    typer.Option(min=0, max=65535, help=_metrics_port_help("IMAGEGEN_WEBHOOKS_METRICS_PORT", 9466)),
+]
