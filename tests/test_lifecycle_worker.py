@@ -162,7 +162,8 @@ def test_foreign_and_late_cancellations_change_nothing_and_deadlines_expire_in_t
     cancel(isolated_stack, kept)
     after = GenerationRequest.new(user_id="ann", prompt="a later kite", **SMALL)
     submit_to(isolated_stack, RENDER, [after])
-    found = results_for(isolated_stack, {after.request_id}, TIMEOUT_S)
+    # Read until both are seen: results spread over partitions, read in no fixed order.
+    found = results_for(isolated_stack, {kept.request_id, after.request_id}, TIMEOUT_S)
     assert [r.status for r in found[kept.request_id]] == [Status.SUCCEEDED]
     assert find(ObjectStore(isolated_stack), object_key(kept)) is not None
     events = events_until(isolated_stack, finished(kept, late, after), TIMEOUT_S)
