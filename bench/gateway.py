@@ -63,7 +63,7 @@ from bench.pipeline import (
     worker_overrides,
 )
 from bench.stack import child_env, free_port
-from imagegen.cli.children import module_child
+from imagegen.cli.children import NotReady, module_child, wait_ready
 from imagegen.consumers.events import EventSubscriber
 from imagegen.producers.api_keys import KeyRegistry
 from imagegen.schemas import EventType, Status
@@ -127,22 +127,10 @@ def server(name: str, module: str, env: Mapping[str, str], log: Path) -> Iterato
 
 
 def _wait_ready(running: Server) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    why = "not listening"
-    with httpx.Client(base_url=running.url, timeout=5.0) as http:
-        while time.monotonic() < deadline:
-            running.check_alive()
-            try:
-                answer = http.get("/readyz")
-                if answer.status_code == 200:
-                    return
-                why = answer.text
-            except httpx.TransportError:
-                pass  # not listening yet
-            time.sleep(0.2)  # readiness has no event to await from outside: poll it
-    raise RuntimeError(
-        f"the {running.name} was not ready within {READY_TIMEOUT_S:g} s ({why}); log: {running.log}"
-    )
+    try:
+        wait_ready(running.process, running.url, READY_TIMEOUT_S)
+    except NotReady as exc:
+        raise RuntimeError(f"the {running.name}: {exc}; log: {running.log}") from exc
 
 
 # ---- submissions, open loop ------------------------------------------------------------

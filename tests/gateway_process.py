@@ -30,12 +30,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Self
 
-import httpx
-
+from imagegen.cli.children import NotReady, wait_ready
 from imagegen.infra.settings import Settings, as_environment
 from tests.helpers import free_port
 
@@ -72,27 +70,11 @@ class GatewayProcess:
         return self.start(timeout_s)
 
     def _wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        why = "not listening"
-        with httpx.Client(base_url=self.url, timeout=5.0) as http:
-            while time.monotonic() < deadline:
-                assert self.process is not None
-                if self.process.poll() is not None:
-                    raise AssertionError(
-                        f"the gateway exited with {self.process.returncode}:\n{self.tail()}"
-                    )
-                try:
-                    answer = http.get("/readyz")
-                    if answer.status_code == 200:
-                        return
-                    why = answer.text
-                except httpx.TransportError:
-                    pass  # not listening yet
-                # Readiness has no event to await from outside the process: poll it.
-                time.sleep(0.2)
-        raise AssertionError(
-            f"the gateway was not ready within {timeout_s:g}s ({why}):\n{self.tail()}"
-        )
+        assert self.process is not None
+        try:
+            wait_ready(self.process, self.url, timeout_s)
+        except NotReady as exc:
+            raise AssertionError(f"the gateway: {exc}:\n{self.tail()}") from exc
 
     def tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""

@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from imagegen.cli.cancel import cancel
+from imagegen.cli.demo_page import Serving
 from imagegen.cli.dlq import dlq_app
 from imagegen.cli.extras import require_extras
 from imagegen.cli.gateway import gateway
@@ -63,12 +64,34 @@ def demo(
     out: Annotated[Path, typer.Option(help="Where the images and the contact sheet go.")] = Path(
         "out"
     ),
+    serve: Annotated[
+        bool,
+        typer.Option(
+            "--serve",
+            help="Then keep everything running with a gateway, and print the web page's URL "
+            "and a demo API key, until Ctrl-C.",
+        ),
+    ] = False,
+    host: Annotated[
+        str, typer.Option(help="With --serve: the gateway's address (a key is printed).")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=65535,
+            help="With --serve: the gateway's port; default IMAGEGEN_GATEWAY_PORT.",
+        ),
+    ] = None,
 ) -> None:
     """Run the whole pipeline here: stack, processor, worker, requests, images in ./out/."""
-    require_extras("demo", "processor", "worker", "embedded")
+    extras = ("processor", "worker", "embedded") + (("gateway",) if serve else ())
+    require_extras("demo", *extras)
     from imagegen.cli.demo import run_demo  # imports the worker's dependencies only when needed
 
-    run_demo(load_settings(), count, out, console)
+    settings = load_settings()
+    serving = Serving(host, port or settings.gateway_port) if serve else None
+    run_demo(settings, count, out, console, serving)
 
 
 @app.command("init")

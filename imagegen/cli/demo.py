@@ -3,7 +3,8 @@
 It starts what is missing (the embedded stack, a processor, a worker with `tiny`), submits
 prompts from a few users, including a duplicate and a burst beyond one user's rate limit,
 waits for every answer, prints them, downloads the images with a contact sheet, and stops
-everything it started.
+everything it started. With `--serve` it keeps all of that running beside a gateway and
+serves the web page until Ctrl-C (`imagegen.cli.demo_page`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import io
 import math
 import os
+import signal
+import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from imagegen.cli.children import imagegen_child
+from imagegen.cli.demo_page import Kept, Serving, serve_page
 from imagegen.consumers.results import ResultSubscriber
 from imagegen.infra.embedded import EMBEDDED_FETCH_WAIT_MS, EmbeddedStack
 from imagegen.infra.kafka import check_broker
@@ -59,20 +63,35 @@ class Submitted:
     expect: str  # what the demo shows with it: "render", "duplicate" or "burst"
 
 
-def run_demo(settings: Settings, count: int, out_dir: Path, console: Console) -> None:
+def run_demo(
+    settings: Settings, count: int, out_dir: Path, console: Console, serving: Serving | None
+) -> None:
+    # SIGTERM stops the demo as Ctrl-C does, through KeyboardInterrupt: the cleanup runs and
+    # nothing it started is left behind.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if serving is not None:
+        serving.check_free()
     with ExitStack() as cleanup:
         cleanup.enter_context(_stack(settings, console))
         provision(settings, progress=lambda line: console.print(f"  {line}"))
         logs = Path(settings.state_dir) / "demo"
-        for args in (["processor", "--log-level", "warning"], ["worker", "--model", "tiny"]):
-            cleanup.enter_context(_child(args, logs / f"{args[0]}.log", console))
+        commands = [["processor", "--log-level", "warning"], ["worker", "--model", "tiny"]]
+        if serving is not None:
+            # Started with the others: its job indexer joins while the scripted run goes on.
+            commands.append(serving.gateway_args())
+        kept: dict[str, Kept] = {}
+        for args in commands:
+            log = logs / f"{args[0]}.log"
+            kept[args[0]] = Kept(cleanup.enter_context(_child(args, log, console)), log)
         with ResultSubscriber(settings) as results, RequestPublisher(settings) as publisher:
             _warm_up(settings, results, publisher, console)
             submitted = _submit(settings, publisher, count)
             answers = _collect(results, submitted, console)
         _report(submitted, answers, console)
         _download(settings, answers, out_dir, console)
-    _check(submitted, answers)
+        _check(submitted, answers)
+        if serving is not None:
+            serve_page(settings, serving, kept, console, cleanup)
 
 
 @contextmanager
@@ -96,16 +115,16 @@ def _stack(settings: Settings, console: Console) -> Iterator[None]:
 
 
 @contextmanager
-def _child(args: list[str], log: Path, console: Console) -> Iterator[None]:
+def _child(args: list[str], log: Path, console: Console) -> Iterator[subprocess.Popen[bytes]]:
     env = {
         "IMAGEGEN_KAFKA_SESSION_TIMEOUT_MS": DEMO_SESSION_TIMEOUT_MS,
         "IMAGEGEN_KAFKA_FETCH_WAIT_MS": str(EMBEDDED_FETCH_WAIT_MS),
         **os.environ,
     }
     try:
-        with imagegen_child(args, env, log):
+        with imagegen_child(args, env, log) as process:
             console.print(f"started `imagegen {' '.join(args)}` (log: {log})")
-            yield
+            yield process
     finally:
         console.print(f"stopped `imagegen {args[0]}`")
 
