@@ -67,6 +67,11 @@ LABEL_PATTERN: Final = _whole(r"[^\x00-\x1f\x7f-\x9f]+")
 # the deployment's (`infra.webhook_targets`), so the contract stays this loose.
 WEBHOOK_URL_PATTERN: Final = _whole(r"[Hh][Tt][Tt][Pp][Ss]?://[^\x00-\x20\x7f-\x9f]+")
 WEBHOOK_ID_PATTERN: Final = _whole(r"msg_[0-9a-f]{32}")
+# `uploads/user=<user_id>/<sha256>.<format>`: the user id is one segment (it holds no "/"),
+# so no key escapes its user's prefix, and the name comes from the content.
+UPLOAD_KEY_PATTERN: Final = _whole(
+    r"uploads/user=[A-Za-z0-9._@-]{1,128}/[0-9a-f]{64}\.(?:png|jpeg|webp)"
+)
 DATE_TIME_PATTERN: Final = _whole(
     rf"{_YEAR_RANGE}(?:[0-9]{{4}}-(?:{_MONTH_DAY})|(?:{_LEAP_YEAR})-02-29)T{_TIME}(?:{_OFFSET})"
 )
@@ -87,6 +92,8 @@ PATTERN_HELP: Final = {
     LABEL_PATTERN.pattern: "must not be empty nor contain control characters",
     WEBHOOK_URL_PATTERN.pattern: "must be an https:// URL without spaces or control characters",
     WEBHOOK_ID_PATTERN.pattern: "must be msg_ and 32 lowercase hex digits",
+    UPLOAD_KEY_PATTERN.pattern: "must be an upload's object key, uploads/user=<user_id>/"
+    "<sha256>.<png|jpeg|webp> (`imagegen upload` prints it)",
 }
 
 
@@ -152,6 +159,9 @@ IdempotencyKey = Annotated[
 Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
 WebhookUrl = Annotated[str, Field(max_length=2048, pattern=WEBHOOK_URL_PATTERN)]
 WebhookId = Annotated[str, Field(pattern=WEBHOOK_ID_PATTERN)]
+UploadKey = Annotated[str, Field(max_length=220, pattern=UPLOAD_KEY_PATTERN)]
+#: How far an edit moves from its input image: 1 keeps nothing of it.
+Strength = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 # Every integer on the wire is one of these, so that 512.0 reads as 512. The bounds come
 # before the validator: after it, pydantic would export them as "ge"/"le", which JSON Schema
 # does not know.

@@ -17,9 +17,12 @@ from imagegen.schemas.fields import (
     SchemaVersion,
     Seed,
     Sha256,
+    Strength,
+    UploadKey,
     UserId,
     UtcDatetime,
 )
+from imagegen.schemas.requests import Task
 
 
 class Status(StrEnum):
@@ -49,6 +52,9 @@ class Reason(StrEnum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     #: The fleet's backlog would keep the request from starting before its deadline.
     OVERLOADED = "overloaded"
+    #: An edit's input image or mask is missing, not an image, too large, of the wrong
+    #: size, or leaves no step to run at its strength; `detail` names which.
+    INVALID_INPUT_IMAGE = "invalid_input_image"
 
 
 #: The one reason each of these statuses has.
@@ -145,6 +151,10 @@ class GenerationResult(BaseModel):
     model: ModelName | None = None
     seed: Seed | None = None
     steps: PositiveInt | None = None
+    task: Task | None = Field(default=None, description="The request's task, once rendered.")
+    image: UploadKey | None = Field(default=None, description="The edit's input image.")
+    mask: UploadKey | None = Field(default=None, description="The inpaint's mask.")
+    strength: Strength | None = Field(default=None, description="The edit's strength.")
     batch_size: PositiveInt | None = Field(
         default=None, description="How many requests shared the forward pass."
     )
