@@ -38,6 +38,7 @@ from imagegen.schemas import (
 )
 from imagegen.schemas.errors import InvalidMessage
 from imagegen.schemas.fields import RequestId, UserId, utc_now
+from imagegen.schemas.uploads import foreign_inputs, user_prefix
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,9 @@ class Intake:
                 return Invalid(exc, _rejection_for_invalid(value, exc))
             if key != request.kafka_key:
                 return _misrouted(request, key)
-            refused = _refused_webhook(request, self._allow_private_webhooks)
+            refused = _refused_webhook(request, self._allow_private_webhooks) or _foreign_inputs(
+                request
+            )
             if refused is not None:
                 return refused
 
@@ -344,6 +347,23 @@ def _refused_webhook(request: GenerationRequest, allow_private: bool) -> Answer 
             _result(request, Status.REJECTED, reason=Reason.INVALID_REQUEST, detail=detail), None
         )
     return None
+
+
+def _foreign_inputs(request: GenerationRequest) -> Answer | None:
+    """An edit may read only its own user's uploads: anyone who may write imagegen.requests
+    sets any user_id, but naming another user's key must not make a worker read it."""
+    foreign = foreign_inputs(request.user_id, request.inputs)
+    if not foreign:
+        return None
+    fields = [name for name in ("image", "mask") if getattr(request, name) in foreign]
+    detail = (
+        f"{' and '.join(fields)} must be uploads of the request's own user, under "
+        f"{user_prefix(request.user_id)} (`imagegen upload FILE --user {request.user_id}` "
+        "stores one there)"
+    )
+    return Answer(
+        _result(request, Status.REJECTED, reason=Reason.INVALID_REQUEST, detail=detail), request
+    )
 
 
 def _duplicate(request: GenerationRequest, verdict: Verdict) -> Answer:

@@ -16,6 +16,7 @@ from imagegen.processors.dedupe import Deduper
 from imagegen.processors.intake import Admit, Answer, Drop, Intake, Invalid, Outcome
 from imagegen.schemas import GenerationRequest, Reason, Status, encode
 from imagegen.schemas.errors import InvalidMessage
+from imagegen.schemas.uploads import upload_key
 
 
 class Clock:
@@ -260,6 +261,22 @@ def test_a_failed_answer_is_answered_publish_error() -> None:
 @pytest.mark.parametrize("outcome", [Drop("r"), Invalid(InvalidMessage("bad"), None)])
 def test_records_without_an_answer_get_none_when_their_sends_fail(outcome: Outcome) -> None:
     assert make_intake(Clock()).unpublished(outcome, 0, 0, RuntimeError("x")) is None
+
+
+def test_an_edit_of_another_users_upload_is_rejected_naming_the_field() -> None:
+    own, bobs = (upload_key(user, "ab" * 32, "png") for user in ("ann", "bob"))
+    for fields, named in (
+        ({"task": "edit", "image": bobs}, "image must"),
+        ({"task": "inpaint", "image": own, "mask": bobs}, "mask must"),
+        ({"task": "inpaint", "image": bobs, "mask": bobs}, "image and mask must"),
+    ):
+        outcome = decide(make_intake(Clock()), encode(request(**fields)), partition=0, offset=0)
+        assert isinstance(outcome, Answer)
+        assert outcome.result.reason is Reason.INVALID_REQUEST
+        assert outcome.result.detail is not None and outcome.result.detail.startswith(named)
+        assert "uploads/user=ann/" in outcome.result.detail
+    mine = request(task="inpaint", image=own, mask=own, strength=0.5)
+    assert isinstance(decide(make_intake(Clock()), encode(mine), partition=0, offset=0), Admit)
 
 
 def test_a_webhook_url_the_deployment_refuses_is_rejected_and_never_told() -> None:

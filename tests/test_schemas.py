@@ -348,3 +348,48 @@ def test_a_webhook_is_sent_on_completed_unless_the_request_names_its_events() ->
 def test_a_bad_webhook_is_named(changes: dict[str, object], problem: str) -> None:
     with pytest.raises(InvalidMessage, match=problem):
         decode(GenerationRequest, as_bytes(valid_fields(**changes)))
+
+
+OWN_UPLOAD = "uploads/user=alice/" + "0f" * 32 + ".png"
+
+
+@pytest.mark.parametrize(
+    ("changes", "strength"),
+    [
+        ({}, None),
+        ({"task": "edit", "image": OWN_UPLOAD}, 0.8),
+        ({"task": "edit", "image": OWN_UPLOAD, "strength": 0.35}, 0.35),
+        ({"task": "inpaint", "image": OWN_UPLOAD, "mask": OWN_UPLOAD, "strength": 1}, 1.0),
+    ],
+)
+def test_each_task_takes_its_inputs_and_the_schema_agrees(
+    changes: dict[str, object], strength: float | None
+) -> None:
+    request = decode(GenerationRequest, as_bytes(valid_fields(**changes)))
+    assert request.edit_strength == strength
+    assert request.inputs == [k for k in (changes.get("image"), changes.get("mask")) if k]
+    jsonschema.validate(json.loads(encode(request)), REQUEST_SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"image": OWN_UPLOAD}, "image: belongs to the tasks edit and inpaint"),
+        ({"strength": 0.5}, "strength: belongs to the tasks edit and inpaint"),
+        ({"task": "edit"}, "image: is needed by task edit"),
+        ({"task": "edit", "image": OWN_UPLOAD, "mask": OWN_UPLOAD}, "mask: belongs to the task"),
+        ({"task": "inpaint", "image": OWN_UPLOAD}, "mask: is needed by task inpaint"),
+        ({"task": "edit", "image": OWN_UPLOAD, "strength": 0}, "strength"),
+        ({"task": "edit", "image": OWN_UPLOAD, "strength": 1.5}, "strength"),
+        ({"task": "edit", "image": "uploads/user=alice/../x.png"}, "an upload's object key"),
+        ({"task": "edit", "image": "images/user=alice/x.png"}, "an upload's object key"),
+        ({"task": "draw"}, "task"),
+    ],
+)
+def test_a_bad_edit_is_named_and_the_schema_refuses_it_too(
+    changes: dict[str, object], problem: str
+) -> None:
+    with pytest.raises(InvalidMessage, match=problem):
+        decode(GenerationRequest, as_bytes(valid_fields(**changes)))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(valid_fields(**changes), REQUEST_SCHEMA)
