@@ -15,6 +15,11 @@ with its median ratio), one after another so that all see the same background lo
   model loading and the group join are excluded. A run stops measuring `worker_s` after its
   first result even with requests left, and the worker is stopped with SIGTERM.
 
+Then the edit sweep, the same way for each strength and batch size of it: requests of task
+`edit` on one input image (uploaded for each user on the worker's stack), beside the bare
+loop calling `Renderer.render` with the same image, size, steps and strength, which runs
+diffusers' image-to-image pipeline.
+
 Run: `python -m bench.render [--quick] [--gpu] [--batch-sizes 1,2,4,8] [--requests N]`.
 Prints one JSON object.
 """
@@ -22,6 +27,8 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import math
 import subprocess
 import sys
@@ -29,23 +36,29 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, astuple, dataclass, replace
+from functools import cache
 from pathlib import Path
 from statistics import fmean
 
 import torch
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from PIL import Image
 
 from bench.command import overridden, positive, run_alone
 from bench.stack import child_env, private_stack
 from imagegen.cli.children import imagegen_child
 from imagegen.consumers.devices import resolve_device, resolve_dtype
+from imagegen.consumers.inputs import EditInputs
 from imagegen.consumers.models import load_pipeline
 from imagegen.consumers.rendering import Renderer, encode_image
 from imagegen.infra.kafka import make_consumer, make_producer
+from imagegen.infra.object_store import ObjectStore
 from imagegen.infra.settings import Settings
+from imagegen.producers.uploads import upload
 from imagegen.schemas import GenerationRequest, GenerationResult, Status, decode, encode
 from imagegen.schemas.errors import ConfigError
 from imagegen.schemas.topics import RENDER, RESULTS
+from imagegen.schemas.uploads import upload_key
 
 USERS = 5
 # Model loading comes before the first result; after it, results come batch by batch.
@@ -74,6 +87,11 @@ class Profile:
     #: Sweeps run in turn; each batch size reports the round with the median ratio. A
     #: shared CPU's speed drifts between runs (measured: the same bare loop 25% apart).
     rounds: int
+    #: The edit sweep: each strength at each of these batch sizes, `rounds` times.
+    edit_strengths: tuple[float, ...]
+    edit_batch_sizes: tuple[int, ...]
+    #: None for generation; an edit's strength while the edit sweep runs.
+    strength: float | None = None
 
 
 CPU = Profile(
@@ -95,8 +113,10 @@ CPU = Profile(
     # The backlog is preloaded, so batches fill within this as long as fetching keeps up.
     max_wait_ms=50.0,
     rounds=3,
+    edit_strengths=(0.5, 1.0),
+    edit_batch_sizes=(1, 4),
 )
-QUICK = replace(CPU, worker_s=4.0, bare_s=2.0, rounds=1)
+QUICK = replace(CPU, worker_s=4.0, bare_s=2.0, rounds=1, edit_strengths=(0.5,))
 GPU = replace(
     CPU,
     device="cuda",
@@ -141,15 +161,45 @@ class Worker:
 def make_requests(profile: Profile, count: int) -> list[GenerationRequest]:
     return [
         GenerationRequest.new(
-            user_id=f"bench-user-{i % USERS}",
+            user_id=_user(i),
             prompt=f"a lighthouse at dusk, study {i}",
             model=profile.model,
             width=profile.width,
             height=profile.height,
             steps=profile.steps,
+            **_edit_fields(profile, _user(i)),
         )
         for i in range(count)
     ]
+
+
+def _user(index: int) -> str:
+    return f"bench-user-{index % USERS}"
+
+
+def _edit_fields(profile: Profile, user_id: str) -> dict[str, object]:
+    if profile.strength is None:
+        return {}
+    image = upload_key(user_id, hashlib.sha256(input_png(profile)).hexdigest(), "png")
+    return {"task": "edit", "image": image, "strength": profile.strength}
+
+
+@cache
+def input_png(profile: Profile) -> bytes:
+    """The edits' input: a gradient of the profile's size, the same in every run."""
+    gradient = Image.linear_gradient("L").resize((profile.width, profile.height))
+    buffer = io.BytesIO()
+    Image.merge("RGB", (gradient, gradient.rotate(90), gradient.rotate(180))).save(
+        buffer, format="PNG"
+    )
+    return buffer.getvalue()
+
+
+def edit_inputs(profile: Profile, batch: int) -> list[EditInputs] | None:
+    if profile.strength is None:
+        return None
+    image = Image.open(io.BytesIO(input_png(profile))).convert("RGB")
+    return [EditInputs(image=image, mask=None)] * batch
 
 
 # ---- bare loop ------------------------------------------------------------------------
@@ -162,12 +212,14 @@ def load_renderer(profile: Profile, cache_dir: Path) -> Renderer:
 
 
 def bare(renderer: Renderer, profile: Profile, batch: int) -> Bare:
-    renderer.render(make_requests(profile, batch))  # first calls allocate and pick kernels
+    inputs = edit_inputs(profile, batch)
+    # First calls allocate and pick kernels.
+    renderer.render(make_requests(profile, batch), inputs=inputs)
     render_s = encode_s = 0.0
     batches = 0
     while render_s + encode_s < profile.bare_s or batches < 3:
         started = time.perf_counter()
-        images = renderer.render(make_requests(profile, batch))
+        images = renderer.render(make_requests(profile, batch), inputs=inputs)
         rendered = time.perf_counter()
         for image in images:
             encode_image(image, "png")
@@ -240,6 +292,10 @@ def collect(
 def worker(profile: Profile, batch: int, count: int, log: Path) -> Worker:
     requests = make_requests(profile, count)
     with private_stack() as settings:
+        if profile.strength is not None:
+            store = ObjectStore(settings)
+            for user in {request.user_id for request in requests}:
+                upload(store, user, input_png(profile))
         preload(settings, requests)
         args = worker_args(profile, batch)
         with imagegen_child(args, child_env(settings), log) as process:
@@ -297,19 +353,35 @@ def run(profile: Profile, scratch: Path) -> dict[str, object]:
     """The sweep; worker logs and the bare loop's model cache go to `scratch`."""
     started = time.monotonic()
     renderer = load_renderer(profile, scratch / "models")
-    sweeps = [
-        [measure(renderer, profile, batch, scratch) for batch in profile.batch_sizes]
-        for _ in range(profile.rounds)
+    rows = sweep(renderer, profile, profile.batch_sizes, scratch)
+    edits = [
+        {"strength": strength, **row}
+        for strength in profile.edit_strengths
+        for row in sweep(
+            renderer, replace(profile, strength=strength), profile.edit_batch_sizes, scratch
+        )
     ]
-    rows = [_median(rounds) for rounds in zip(*sweeps, strict=True)]
     return {
         "profile": asdict(profile),
         "torch_threads": torch.get_num_threads(),
         "batches": rows,
         "best_ratio": _best(rows, lambda r: r["ratio"]),
         "best_worker": _best(rows, lambda r: r["worker"]["images_per_s"]),
+        "edits": edits,
+        "best_edit_worker": _best(edits, lambda r: r["worker"]["images_per_s"]),
         "elapsed_s": round(time.monotonic() - started, 1),
     }
+
+
+def sweep(
+    renderer: Renderer, profile: Profile, sizes: tuple[int, ...], scratch: Path
+) -> list[dict[str, object]]:
+    """One row per batch size: the round with the median ratio."""
+    rounds = [
+        [measure(renderer, profile, batch, scratch) for batch in sizes]
+        for _ in range(profile.rounds)
+    ]
+    return [_median(each) for each in zip(*rounds, strict=True)]
 
 
 def measure(renderer: Renderer, profile: Profile, batch: int, scratch: Path) -> dict[str, object]:
@@ -318,7 +390,8 @@ def measure(renderer: Renderer, profile: Profile, batch: int, scratch: Path) -> 
     if profile.device == "cuda":
         torch.cuda.empty_cache()  # the bare loop's cached activations, for the worker
     count = request_count(profile, batch, before)
-    measured = worker(profile, batch, count, scratch / f"worker-batch-{batch}.log")
+    task = "generate" if profile.strength is None else f"edit-{profile.strength:g}"
+    measured = worker(profile, batch, count, scratch / f"worker-{task}-batch-{batch}.log")
     return row(batch, (before, bare(renderer, profile, batch)), measured)
 
 

@@ -40,7 +40,11 @@ averaged over the runs before and after the worker (both listed), which cancels 
 drift in the CPU's speed. The full run sweeps three times and reports, per batch size, the
 round with the median ratio (all three ratios are listed): a shared CPU's speed also drifts
 between runs. The efficiency checked against the target is the ratio at the batch size
-where the worker is fastest, the one an operator would deploy."""
+where the worker is fastest, the one an operator would deploy. The edit sweep does the same
+for image-to-image requests at each strength (0.5 and 1.0 on a CPU: the render runs
+int(steps x strength) steps) and batch sizes 1 and 4, beside the bare loop rendering the
+same input image through diffusers' image-to-image pipeline; its efficiency is checked the
+same way."""
 
 E2E = """\
 One `imagegen processor` and one `imagegen worker` run as child processes on a private
@@ -240,11 +244,22 @@ def _render(figures: dict[str, Any]) -> list[str]:
         f"{figures['elapsed_s']} s in all.",
         "",
     ]
+    edits = [
+        "",
+        "Edits (image-to-image, the same size and steps; the strength sets the steps run):",
+        "",
+        *_sweep_table(figures.get("edits", []), ("strength",)),
+    ]
+    return [*lines, *_sweep_table(figures["batches"], ()), *edits]
+
+
+def _sweep_table(sweep: list[dict[str, Any]], leading: tuple[str, ...]) -> list[str]:
     rows = []
-    for row in figures["batches"]:
+    for row in sweep:
         bare, worker = row["bare"], row["worker"]
         rows.append(
             (
+                *(_value(row[name]) for name in leading),
                 row["batch_size"],
                 _value(bare["render_images_per_s"]),
                 _value(bare["render_encode_images_per_s"]),
@@ -259,6 +274,7 @@ def _render(figures: dict[str, Any]) -> list[str]:
             )
         )
     header = (
+        *leading,
         "batch",
         "bare render img/s",
         "bare render+encode img/s",
@@ -271,7 +287,7 @@ def _render(figures: dict[str, Any]) -> list[str]:
         "worker render ms/batch",
         "upload ms/img",
     )
-    return [*lines, *_table(header, rows)]
+    return _table(header, rows)
 
 
 def _e2e(figures: dict[str, Any]) -> list[str]:

@@ -12,6 +12,7 @@ from typing import cast
 from confluent_kafka import Message
 
 from imagegen.consumers.crashes import Crashes, Record
+from imagegen.consumers.inputs import EditInputs
 from imagegen.consumers.progress import ProgressThrottle
 from imagegen.infra.logs import log_context
 from imagegen.infra.tracing import Span
@@ -65,6 +66,8 @@ class Job:
     #: Its shares of the renders it took part in; None until one ran.
     device_ms: float | None = None
     progress: ProgressThrottle = field(default_factory=ProgressThrottle)
+    #: An edit's checked input image and mask, read before it is queued to render.
+    inputs: EditInputs | None = None
 
     @property
     def record(self) -> Record:

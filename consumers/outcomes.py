@@ -17,6 +17,7 @@ from collections.abc import Callable
 from confluent_kafka import Message
 
 from imagegen.consumers.crashes import CrashLedger
+from imagegen.consumers.inputs import InvalidInputImage
 from imagegen.consumers.jobs import Job, Polled, consumed_headers, now_ms
 from imagegen.consumers.lifecycle import Where
 from imagegen.consumers.models import UnknownModel
@@ -37,6 +38,7 @@ from imagegen.schemas import (
     encode,
 )
 from imagegen.schemas.fields import utc_now
+from imagegen.schemas.results import task_fields
 from imagegen.schemas.topics import DLQ, RESULTS, WORKER_GROUP
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ class Outcomes:
             model=request.model,
             seed=seed_for(request),
             steps=request.steps,
+            **task_fields(request),
             batch_size=batch_size,
             timings=_timings(job),
             device_ms=job.device_ms,
@@ -124,6 +127,7 @@ class Outcomes:
             reason=_reason(error, stage),
             detail=f"{type(error).__name__}: {error}"[:4000],
             model=job.request.model,
+            **task_fields(job.request),
             attempts=attempts,
             worker_id=self._worker_id,
             completed_at=utc_now(),
@@ -143,6 +147,7 @@ class Outcomes:
             reason=_EARLY_REASONS[status],
             detail=detail,
             model=job.request.model,
+            **task_fields(job.request),
             timings=_timings(job),
             device_ms=job.device_ms,
             attempts=int(where == "render"),
@@ -220,4 +225,6 @@ def _timings(job: Job) -> Timings:
 def _reason(error: BaseException, stage: Stage) -> Reason:
     if isinstance(error, UnknownModel):
         return Reason.UNKNOWN_MODEL
+    if isinstance(error, InvalidInputImage):
+        return Reason.INVALID_INPUT_IMAGE
     return Reason.RENDER_ERROR if stage is Stage.RENDER else Reason.STORE_ERROR

@@ -3,9 +3,10 @@
 Threads, and what each one does:
 - a check pool looks every new request up in the object store: an image that an earlier
   attempt stored (and crashed before committing) is published again without rendering. It
-  also reads what worker processes that died rendering the request left
-  (`imagegen.consumers.crashes`): such a request renders alone, and fails without rendering
-  once too many died rendering it alone.
+  reads and checks an edit's input image and mask (`imagegen.consumers.inputs`), so that a
+  bad one fails there, before it waits for the device. It also reads what worker processes
+  that died rendering the request left (`imagegen.consumers.crashes`): such a request
+  renders alone, and fails without rendering once too many died rendering it alone.
 - the render thread batches compatible requests, interactive ones first, and runs the
   pipeline, holding a crash mark per request meanwhile, and nothing else, so the device
   waits only for batching. A batch that runs out of memory is split in halves, down to
@@ -53,6 +54,7 @@ from PIL import Image
 from imagegen.consumers.batching import Batcher
 from imagegen.consumers.claims import Claims
 from imagegen.consumers.crashes import CrashLedger, RenderKilledWorkers
+from imagegen.consumers.inputs import InvalidInputImage, load_inputs
 from imagegen.consumers.jobs import Job, now_ms
 from imagegen.consumers.lifecycle import CanceledMidRender, Lifecycle, Where
 from imagegen.consumers.models import UnknownModel
@@ -170,11 +172,25 @@ class RenderPipeline:
         )
         if stored is None:
             self._check_crashes(job)
+            if job.request.task != "generate":
+                job.inputs = load_inputs(self._store, job.request, self._read_input)
             self._batcher.put(job)
         else:
             log.info("%s was stored by an earlier attempt; publishing it", key)
             self._crashes.forget(job.record)
             self._succeeded(job, stored, attempts=1, batch_size=None)
+
+    def _read_input(self, read: Callable[[], bytes | None]) -> bytes | None:
+        """A read of an edit's input, retried through a store outage like every other."""
+        data, _ = retrying(
+            self._policy,
+            "read an input image",
+            read,
+            self._stopping,
+            stage=Stage.STORE.value,
+            outage=self._store_outage,
+        )
+        return data
 
     def _check_crashes(self, job: Job) -> None:
         """Note what processes that died rendering the job left; give up on it, as a poison
@@ -287,14 +303,15 @@ class RenderPipeline:
         memory, its next attempt finds the memory the failed one held handed back. A
         stopped render raises its `RenderStopped`, never retried."""
         requests = [job.request for job in batch]
+        inputs = [job.inputs for job in batch if job.inputs is not None] or None
         on_step = self._lifecycle.watch(batch)
         if len(batch) > 1:
-            return renderer.render(requests, on_step), 1
+            return renderer.render(requests, on_step, inputs), 1
         try:
             return retrying(
                 self._policy,
                 "render",
-                lambda: renderer.render(requests, on_step),
+                lambda: renderer.render(requests, on_step, inputs),
                 self._stopping,
                 stage=Stage.RENDER.value,
             )
@@ -407,4 +424,6 @@ def _meter(batch: list[Job], render_s: float) -> None:
 
 
 def _stage_of(error: BaseException, default: Stage) -> Stage:
+    if isinstance(error, InvalidInputImage):
+        return Stage.VALIDATE
     return Stage.RENDER if isinstance(error, UnknownModel | RenderKilledWorkers) else default

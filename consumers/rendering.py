@@ -1,5 +1,11 @@
 """Turning admitted requests into images: which requests batch together, seeds, encoding,
-and the hook that watches a render step by step (and may stop it)."""
+and the hook that watches a render step by step (and may stop it).
+
+One loaded model serves every task. Its image-to-image and inpainting pipelines are made
+from the loaded one with diffusers' `from_pipe`, which shares its components (the weights
+are held once), the first time a task needs them. A model loaded from an inpainting
+checkpoint is an inpainting pipeline already, and serves `inpaint` as it is.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +16,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers.pipelines.auto_pipeline import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+)
 
 # From its own module: diffusers' lazy `__init__` type-checks as a placeholder class.
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image, features
 
+from imagegen.consumers.inputs import EditInputs, steps_run
 from imagegen.schemas.errors import ConfigError, ImagegenError
-from imagegen.schemas.requests import GenerationRequest
+from imagegen.schemas.requests import GenerationRequest, Task
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
@@ -62,6 +73,8 @@ class BatchKey:
     height: int
     steps: int
     guidance_scale: float
+    task: Task = "generate"
+    strength: float | None = None
 
 
 def batch_key(request: GenerationRequest) -> BatchKey:
@@ -71,6 +84,8 @@ def batch_key(request: GenerationRequest) -> BatchKey:
         height=request.height,
         steps=request.steps,
         guidance_scale=request.guidance_scale,
+        task=request.task,
+        strength=request.edit_strength,
     )
 
 
@@ -86,7 +101,9 @@ class Renderer:
     """Renders batches of requests with one pipeline on one device."""
 
     def __init__(self, pipeline: DiffusionPipeline, device: torch.device) -> None:
-        self._pipeline = pipeline
+        self._pipelines: dict[Task, DiffusionPipeline] = {"generate": pipeline}
+        if _is_inpainting(pipeline):
+            self._pipelines["inpaint"] = pipeline
         self._device = device
 
     @property
@@ -94,15 +111,20 @@ class Renderer:
         return self._device
 
     def render(
-        self, requests: Sequence[GenerationRequest], on_step: OnStep | None = None
+        self,
+        requests: Sequence[GenerationRequest],
+        on_step: OnStep | None = None,
+        inputs: Sequence[EditInputs] | None = None,
     ) -> list[Image.Image]:
         """One image per request, in order, from a single pipeline call.
 
-        The requests must share a `BatchKey`. Each has a generator of its own, so its image is
-        the same whether it renders alone or beside others. `on_step` runs after every
-        denoising step (diffusers' `callback_on_step_end`); the `RenderStopped` it raises
-        ends the call there and is raised as it is. Raises `RenderOutOfMemory` (transient)
-        or `RenderFailed`.
+        The requests must share a `BatchKey`; an edit or inpaint needs `inputs`, one per
+        request. Each has a generator of its own, so its image is the same whether it
+        renders alone or beside others. `on_step` runs after every denoising step
+        (diffusers' `callback_on_step_end`) with the steps done of the steps the render runs
+        (fewer than `steps` for an edit: `steps_run`); the `RenderStopped` it raises ends
+        the call there and is raised as it is. Raises `RenderOutOfMemory` (transient) or
+        `RenderFailed`.
         """
         if not requests:
             raise ValueError("render needs at least one request")
@@ -111,7 +133,8 @@ class Renderer:
         if mismatched:
             raise ValueError(
                 f"requests {', '.join(mismatched)} differ from {requests[0].request_id} in model, "
-                "size, steps or guidance scale; group requests by batch_key() first"
+                "task, size, steps, strength or guidance scale; group requests by batch_key() "
+                "first"
             )
         generators = [
             torch.Generator(device=self._device).manual_seed(seed_for(r)) for r in requests
@@ -119,17 +142,16 @@ class Renderer:
         try:
             with torch.inference_mode():
                 # Every pipeline class defines `__call__`; their base class declares none.
-                output = self._pipeline(  # type: ignore[operator]
+                output = self._pipeline(key.task)(  # type: ignore[operator]
                     prompt=[r.prompt for r in requests],
                     # "" is what the pipeline uses for a missing negative prompt.
                     negative_prompt=[r.negative_prompt or "" for r in requests],
                     num_inference_steps=key.steps,
                     guidance_scale=key.guidance_scale,
-                    width=key.width,
-                    height=key.height,
                     generator=generators,
                     output_type="pil",
-                    **_step_hook(on_step, key.steps),
+                    **_task_arguments(key, inputs, len(requests)),
+                    **_step_hook(on_step, steps_run(requests[0])),
                 )
         except RenderStopped:
             raise
@@ -148,6 +170,38 @@ class Renderer:
                 f"{key.width}x{key.height}: {type(exc).__name__}: {exc}"
             ) from exc
         return list(output.images)
+
+    def _pipeline(self, task: Task) -> DiffusionPipeline:
+        if task not in self._pipelines:
+            made_from = self._pipelines["generate"]
+            auto = AutoPipelineForImage2Image if task == "edit" else AutoPipelineForInpainting
+            derived = auto.from_pipe(made_from)
+            derived.set_progress_bar_config(disable=True)
+            self._pipelines[task] = derived
+        return self._pipelines[task]
+
+
+def _is_inpainting(pipeline: DiffusionPipeline) -> bool:
+    # diffusers names every inpainting pipeline class so (StableDiffusionInpaintPipeline,
+    # StableDiffusionXLInpaintPipeline, ...), which is how its AutoPipeline tells them too.
+    return "Inpaint" in type(pipeline).__name__
+
+
+def _task_arguments(
+    key: BatchKey, inputs: Sequence[EditInputs] | None, count: int
+) -> dict[str, Any]:
+    """The pipeline arguments of the batch's task, beside the ones every task takes."""
+    if key.task == "generate":
+        return {"width": key.width, "height": key.height}
+    if inputs is None or len(inputs) != count:
+        raise ValueError(f"a batch of {count} {key.task} request(s) needs as many inputs")
+    arguments: dict[str, Any] = {"image": [i.image for i in inputs], "strength": key.strength}
+    if key.task == "inpaint":
+        masks = [i.mask for i in inputs]
+        if any(mask is None for mask in masks):
+            raise ValueError("an inpaint request needs a mask")
+        arguments |= {"mask_image": masks, "width": key.width, "height": key.height}
+    return arguments
 
 
 def _step_hook(on_step: OnStep | None, steps: int) -> dict[str, Any]:

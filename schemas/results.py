@@ -22,7 +22,7 @@ from imagegen.schemas.fields import (
     UserId,
     UtcDatetime,
 )
-from imagegen.schemas.requests import Task
+from imagegen.schemas.requests import GenerationRequest, Task
 
 
 class Status(StrEnum):
@@ -189,3 +189,14 @@ class GenerationResult(BaseModel):
     @property
     def kafka_key(self) -> bytes:
         return self.request_id.encode()
+
+
+def task_fields(request: GenerationRequest) -> dict[str, Any]:
+    """What a result records of its request's task: the task, and an edit's inputs and
+    strength."""
+    return {
+        "task": request.task,
+        "image": request.image,
+        "mask": request.mask,
+        "strength": request.edit_strength,
+    }

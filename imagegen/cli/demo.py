@@ -2,7 +2,8 @@
 
 It starts what is missing (the embedded stack, a processor, a worker with `tiny`), submits
 prompts from a few users, including a duplicate and a burst beyond one user's rate limit,
-waits for every answer, prints them, downloads the images with a contact sheet, and stops
+then an edit and an inpaint of one of the images (`imagegen.cli.demo_edits`), waits for
+every answer, prints them, downloads the images with a contact sheet, and stops
 everything it started. With `--serve` it keeps all of that running beside a gateway and
 serves the web page until Ctrl-C (`imagegen.cli.demo_page`).
 """
@@ -25,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from imagegen.cli.children import imagegen_child
+from imagegen.cli.demo_edits import edits_of
 from imagegen.cli.demo_page import Kept, Serving, serve_page
 from imagegen.consumers.results import ResultSubscriber
 from imagegen.infra.embedded import EMBEDDED_FETCH_WAIT_MS, EmbeddedStack
@@ -60,7 +62,9 @@ class DemoFailed(ImagegenError):
 @dataclass(frozen=True)
 class Submitted:
     request: GenerationRequest
-    expect: str  # what the demo shows with it: "render", "duplicate" or "burst"
+    # What the demo shows with it: "render", "duplicate", "burst", "edit" or "inpaint".
+    expect: str
+    source: GenerationResult | None = None  # an edit's input: the image it starts from
 
 
 def run_demo(
@@ -87,8 +91,11 @@ def run_demo(
             _warm_up(settings, results, publisher, console)
             submitted = _submit(settings, publisher, count)
             answers = _collect(results, submitted, console)
+            edits = _submit_edits(settings, publisher, submitted, answers)
+            answers |= _collect(results, edits, console)
+            submitted += edits
         _report(submitted, answers, console)
-        _download(settings, answers, out_dir, console)
+        _download(settings, submitted, answers, out_dir, console)
         _check(submitted, answers)
         if serving is not None:
             serve_page(settings, serving, kept, console, cleanup)
@@ -173,6 +180,26 @@ def _submit(settings: Settings, publisher: RequestPublisher, count: int) -> list
     return submitted
 
 
+def _submit_edits(
+    settings: Settings,
+    publisher: RequestPublisher,
+    submitted: list[Submitted],
+    answers: dict[str, GenerationResult],
+) -> list[Submitted]:
+    """An edit and an inpaint of the first rendered image, once it is there."""
+    rendered = [answers[item.request.request_id] for item in submitted if item.expect == "render"]
+    source = next((r for r in rendered if r.status is Status.SUCCEEDED), None)
+    if source is None:
+        raise DemoFailed("no demo image was rendered, so none could be edited")
+    edits = [
+        Submitted(edit.request, edit.request.task, edit.source)
+        for edit in edits_of(ObjectStore(settings), source, SIZE)
+    ]
+    for item in edits:
+        publisher.publish(item.request)
+    return edits
+
+
 def _collect(
     results: ResultSubscriber, submitted: list[Submitted], console: Console
 ) -> dict[str, GenerationResult]:
@@ -213,31 +240,47 @@ def _report(
 
 
 def _download(
-    settings: Settings, answers: dict[str, GenerationResult], out_dir: Path, console: Console
+    settings: Settings,
+    submitted: list[Submitted],
+    answers: dict[str, GenerationResult],
+    out_dir: Path,
+    console: Console,
 ) -> None:
+    """Every image into `out_dir`, and a contact sheet: each edit beside its input."""
     store = ObjectStore(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images: list[tuple[str, Image.Image]] = []
-    for result in answers.values():
-        if result.status is Status.SUCCEEDED and result.object_key:
-            data = store.get(result.object_key)
-            path = out_dir / Path(result.object_key).name
-            path.write_bytes(data)
-            images.append((result.user_id, Image.open(io.BytesIO(data)).convert("RGB")))
+    tiles: list[tuple[str, Image.Image]] = []
+    written = 0
+    for item in submitted:
+        result = answers[item.request.request_id]
+        if result.status is not Status.SUCCEEDED or not result.object_key:
+            continue
+        data = store.get(result.object_key)
+        (out_dir / Path(result.object_key).name).write_bytes(data)
+        written += 1
+        label = result.user_id
+        if item.source is not None and item.source.object_key:
+            tiles.append(("input", _opened(store.get(item.source.object_key))))
+            label = item.expect
+        tiles.append((label, _opened(data)))
     sheet = out_dir / "contact-sheet.png"
-    _contact_sheet(images).save(sheet)
-    console.print(f"wrote {len(images)} images and {sheet}")
+    _contact_sheet(tiles).save(sheet)
+    console.print(f"wrote {written} images and {sheet}")
 
 
-def _contact_sheet(images: list[tuple[str, Image.Image]], tile: int = 128) -> Image.Image:
-    columns = max(1, min(6, len(images)))
-    rows = max(1, math.ceil(len(images) / columns))
+def _opened(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def _contact_sheet(tiles: list[tuple[str, Image.Image]], tile: int = 128) -> Image.Image:
+    columns = max(1, min(6, len(tiles)))
+    rows = max(1, math.ceil(len(tiles) / columns))
     sheet = Image.new("RGB", (columns * tile, rows * (tile + 14)), "white")
     draw = ImageDraw.Draw(sheet)
-    for index, (user, image) in enumerate(images):
+    for index, (label, image) in enumerate(tiles):
         x, y = (index % columns) * tile, (index // columns) * (tile + 14)
         sheet.paste(image.resize((tile, tile)), (x, y))
-        draw.text((x + 2, y + tile + 1), user, fill="black")
+        draw.text((x + 2, y + tile + 1), label, fill="black")
     return sheet
 
 
@@ -250,6 +293,8 @@ def _check(submitted: list[Submitted], answers: dict[str, GenerationResult]) -> 
             "render": {Status.SUCCEEDED},
             "duplicate": {Status.DUPLICATE},
             "burst": {Status.SUCCEEDED, Status.REJECTED},
+            "edit": {Status.SUCCEEDED},
+            "inpaint": {Status.SUCCEEDED},
         }[item.expect]
         if status not in allowed:
             wrong.append(f"{item.request.request_id} ({item.expect}): {status.value}")
