@@ -21,6 +21,7 @@ from imagegen.cli.processor import processor
 from imagegen.cli.results import fetch, results
 from imagegen.cli.status import pipeline_status
 from imagegen.cli.submit import submit
+from imagegen.cli.upload import upload
 from imagegen.cli.usage import usage
 from imagegen.cli.watch import watch
 from imagegen.cli.webhooks import webhooks
@@ -46,6 +47,7 @@ app.add_typer(stack_app, name="stack")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(keys_app, name="keys")
 app.command("submit")(submit)
+app.command("upload")(upload)
 app.command("watch")(watch)
 app.command("cancel")(cancel)
 app.command("processor")(processor)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,10 +12,11 @@ from rich.console import Console
 
 from imagegen.cli.results import conclude
 from imagegen.cli.times import iso_time
+from imagegen.cli.upload import upload_file
 from imagegen.cli.watch import wait_with_progress
 from imagegen.consumers.events import JobFollower
 from imagegen.infra.kafka import check_broker
-from imagegen.infra.settings import load_settings
+from imagegen.infra.settings import Settings, load_settings
 from imagegen.producers.publisher import RequestPublisher
 from imagegen.schemas import GenerationRequest, encode
 from imagegen.schemas.fields import utc_now
@@ -75,15 +77,38 @@ def submit(
         bool, typer.Option("--wait", help="Show progress, then print the result.")
     ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits.", min=0)] = 300.0,
+    edit: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="Edit this image (PNG, JPEG or WebP): uploaded, then named by the request.",
+        ),
+    ] = None,
+    mask: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="With --edit: inpaint where this mask is white (black is kept).",
+        ),
+    ] = None,
+    strength: Annotated[
+        float | None,
+        typer.Option(help="With --edit: how far to move from the image, 0 < s <= 1 (0.8)."),
+    ] = None,
 ) -> None:
     """Publish a generation request and print its request id (or, with --wait, its result:
     exit 1 if it failed, was rejected, canceled or expired)."""
     if ttl is not None and expires_at is not None:
         raise typer.BadParameter("give --ttl or --expires-at, not both", param_hint="--ttl")
+    if edit is None and (mask is not None or strength is not None):
+        hint = "--mask" if mask is not None else "--strength"
+        raise typer.BadParameter("needs --edit, the image to change", param_hint=hint)
     submitted_at = utc_now()
     if ttl is not None:
         expires_at = submitted_at + timedelta(seconds=ttl)
-    options = {
+    options: dict[str, object] = {
         "idempotency_key": idempotency_key,
         "negative_prompt": negative_prompt,
         "seed": seed,
@@ -96,10 +121,12 @@ def submit(
         "priority": None if priority is None else priority.value,
         "expires_at": expires_at,
     }
-    given = {name: value for name, value in options.items() if value is not None}
-    request = GenerationRequest.new(prompt=prompt, user_id=user, submitted_at=submitted_at, **given)
     settings = load_settings()
     check_broker(settings)  # fail fast, before librdkafka retries for the delivery timeout
+    if edit is not None:
+        options |= _edit_options(settings, user, edit, mask, strength)
+    given = {name: value for name, value in options.items() if value is not None}
+    request = GenerationRequest.new(prompt=prompt, user_id=user, submitted_at=submitted_at, **given)
     if not wait:
         with RequestPublisher(settings) as publisher:
             publisher.publish(request)
@@ -115,3 +142,15 @@ def submit(
         waiting = f"submitted {request.request_id}, waiting for the processor"
         result = wait_with_progress(follower, request.request_id, timeout, waiting)
     conclude(result, settings, as_json)
+
+
+def _edit_options(
+    settings: Settings, user_id: str, image: Path, mask: Path | None, strength: float | None
+) -> dict[str, object]:
+    """The request fields of an edit (an inpaint with a mask), its files uploaded."""
+    return {
+        "task": "edit" if mask is None else "inpaint",
+        "image": upload_file(settings, user_id, image),
+        "mask": None if mask is None else upload_file(settings, user_id, mask),
+        "strength": strength,
+    }
