@@ -16,12 +16,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from imagegen.gateway import page, problems
-from imagegen.gateway.auth import authenticate
+from imagegen.gateway.dependencies import Svc, User
+from imagegen.gateway.edits import EDIT_BODY_LIMIT, EDITS, edit_submission
 from imagegen.gateway.events_stream import stream_events, wants_events
 from imagegen.gateway.job_store import MAX_PAGE, InvalidCursor
 from imagegen.gateway.middleware import BodyLimit, RequestLog
@@ -36,25 +37,13 @@ from imagegen.gateway.submissions import (
     refuse_private_webhook,
     submit,
 )
+from imagegen.gateway.uploads import UploadBody, UploadTicket, ticket
 from imagegen.gateway.views import Job, JobPage
 from imagegen.infra.settings import Settings
 from imagegen.schemas import Reason
 from imagegen.schemas.errors import BrokerUnavailable, PublishError
 
 JOBS = "/v1/images/jobs"
-
-
-def services_of(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
-def _user(request: Request) -> str:
-    return authenticate(request, services_of(request).keys)
-
-
-User = Annotated[str, Depends(_user)]
-Svc = Annotated[Services, Depends(services_of)]
 
 
 def _json(
@@ -80,7 +69,11 @@ def create_app(settings: Settings) -> FastAPI:
     )
     problems.install(app)
     page.install(app)  # the web page at /, and its assets: no key needed
-    app.add_middleware(BodyLimit, limit_bytes=settings.gateway_max_body_bytes)
+    app.add_middleware(
+        BodyLimit,
+        limit_bytes=settings.gateway_max_body_bytes,
+        route_limits={EDITS: EDIT_BODY_LIMIT},
+    )
     app.add_middleware(RequestLog)
 
     @app.post(
@@ -126,6 +119,48 @@ def create_app(settings: Settings) -> FastAPI:
         await refuse_private_webhook(submission.request, settings.webhook_allow_private)
         wait_s = prefer_wait(prefer)
         return _answer(await submit(services, submission, wait_s), wait_s)
+
+    @app.post(
+        EDITS,
+        status_code=202,
+        response_model=Job,
+        responses={
+            200: {"description": "With `Prefer: wait=N`: the job ended within N seconds."},
+            **problems.responses(
+                "invalid-request",
+                "idempotency-key-mismatch",
+                "exceeds-burst",
+                "unknown-model",
+                "body-too-large",
+                "rate-limited",
+                "overloaded",
+            ),
+        },
+    )
+    async def create_edit(
+        request: Request,
+        user: User,
+        services: Svc,
+        idempotency_key: Annotated[str | None, Header()] = None,
+        prefer: Annotated[str | None, Header()] = None,
+    ) -> Response:
+        """Submit an edit (multipart: `image`, optional `mask`, `prompt`, the options): as
+        a generation, 202 and the queued Job."""
+        submission = await edit_submission(request, user, services, idempotency_key)
+        await refuse_private_webhook(submission.request, settings.webhook_allow_private)
+        wait_s = prefer_wait(prefer)
+        return _answer(await submit(services, submission, wait_s), wait_s)
+
+    @app.post(
+        "/v1/uploads",
+        status_code=201,
+        response_model=UploadTicket,
+        responses=problems.responses("invalid-request"),
+    )
+    async def create_upload(body: UploadBody, user: User, services: Svc) -> UploadTicket:
+        """A presigned PUT for an input image or mask of yours: PUT the file's bytes to
+        `url` with `headers`, then name `key` as `image` or `mask`."""
+        return await ticket(services, user, body)
 
     @app.get(JOBS, response_model=JobPage, responses=problems.responses("invalid-request"))
     async def list_jobs(

@@ -2,6 +2,7 @@
 
 The limit holds on the declared `Content-Length` (refused before a byte is read) and on the
 bytes actually read (a chunked body stops at the limit): 413 `body-too-large`, stating it.
+A route may have a limit of its own (the edits route takes two images).
 
 The request log is one line per request through the project's logging (`infra.logs`):
 method, path, status and milliseconds in the message, the user as its `user_id` field. It
@@ -45,17 +46,21 @@ def too_large(limit: int) -> Problem:
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, limit_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, limit_bytes: int, route_limits: dict[str, int] | None = None
+    ) -> None:
         self.app = app
-        self.limit = limit_bytes
+        self.default_limit = limit_bytes
+        self.route_limits = route_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.route_limits.get(scope["path"], self.default_limit)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await too_large(self.limit).response(scope["path"])(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await too_large(limit).response(scope["path"])(scope, receive, send)
             return
         read = 0
 
@@ -64,8 +69,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 read += len(message.get("body", b""))
-                if read > self.limit:
-                    raise too_large(self.limit)
+                if read > limit:
+                    raise too_large(limit)
             return message
 
         await self.app(scope, limited, send)

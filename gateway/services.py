@@ -48,14 +48,16 @@ class Services:
     jobs: JobStore
     indexer: JobIndexer
     publisher: AsyncRequestPublisher
+    store: ObjectStore  # the job store's, where uploads go too
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
         keys = await asyncio.to_thread(KeyBook(settings).start)
         hub = await asyncio.to_thread(EventHub(settings).start)
-        jobs = JobStore(ObjectStore(settings))
+        store = ObjectStore(settings)
+        jobs = JobStore(store)
         indexer = JobIndexer(settings, jobs).start()
-        return cls(settings, keys, hub, jobs, indexer, AsyncRequestPublisher(settings))
+        return cls(settings, keys, hub, jobs, indexer, AsyncRequestPublisher(settings), store)
 
     async def close(self) -> None:
         await self.publisher.close()

@@ -44,7 +44,8 @@ from imagegen.infra.webhook_targets import (
 from imagegen.schemas import GenerationRequest, OutputFormat, Priority, Reason
 from imagegen.schemas.errors import BrokerUnavailable, InvalidMessage, PublishError
 from imagegen.schemas.fields import IDEMPOTENCY_KEY_PATTERN, PATTERN_HELP, UtcDatetime, utc_now
-from imagegen.schemas.requests import WebhookEvent
+from imagegen.schemas.requests import Task, WebhookEvent
+from imagegen.schemas.uploads import foreign_inputs, user_prefix
 
 #: The namespace of request ids made from idempotency keys (uuid5): fixed forever.
 IDEMPOTENCY_NAMESPACE = uuid.UUID("5b0e4d4e-8a8f-4d8e-9a43-51f1f2a0c6b1")
@@ -63,6 +64,10 @@ _REQUEST_FIELDS = (
     "expires_at",
     "webhook_url",
     "webhook_events",
+    "task",
+    "image",
+    "mask",
+    "strength",
 )
 
 
@@ -91,6 +96,16 @@ class SubmitBody(BaseModel):
     )
     webhook_events: list[WebhookEvent] | None = Field(
         default=None, description="Which events to POST on; when absent, `completed` only."
+    )
+    task: Task = "generate"
+    image: str | None = Field(
+        default=None, description="edit and inpaint: the key of an upload of yours."
+    )
+    mask: str | None = Field(
+        default=None, description="inpaint: the key of an upload of yours; white is repainted."
+    )
+    strength: float | None = Field(
+        default=None, gt=0, le=1, description="edit and inpaint: 0 < s <= 1; when absent, 0.8."
     )
 
 
@@ -146,6 +161,7 @@ def parse_body(
         errors.extend((("body", *filter(None, [field])), msg) for field, msg in exc.problems)
         raise invalid(errors) from None
     errors.extend(_webhook_errors(request, allow_private_webhooks))
+    errors.extend(_input_errors(request))
     if errors:
         raise invalid(errors)
     return Submission(request, body_sha256(request, body, default_ttl_s))
@@ -159,6 +175,16 @@ def _webhook_errors(request: GenerationRequest, allow_private: bool) -> list[tup
     except WebhookTargetRefused as refused:
         return [(("body", "webhook_url"), str(refused))]
     return []
+
+
+def _input_errors(request: GenerationRequest) -> list[tuple[Loc, str]]:
+    foreign = foreign_inputs(request.user_id, request.inputs)
+    own = user_prefix(request.user_id)
+    return [
+        (("body", name), f"must be an upload of yours, under {own} (POST /v1/uploads)")
+        for name in ("image", "mask")
+        if getattr(request, name) in foreign
+    ]
 
 
 async def refuse_private_webhook(request: GenerationRequest, allow_private: bool) -> None:

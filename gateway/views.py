@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from imagegen.gateway.hub import LiveState
 from imagegen.schemas import GenerationRequest, GenerationResult, OutputFormat, Priority, Status
 from imagegen.schemas.fields import UtcDatetime
+from imagegen.schemas.requests import Task
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "rejected", "canceled", "expired"]
 #: The statuses after which nothing changes.
@@ -40,6 +41,10 @@ class JobRequest(BaseModel):
     guidance_scale: float
     seed: int | None
     output_format: OutputFormat
+    task: Task = "generate"
+    image: str | None = None
+    mask: str | None = None
+    strength: float | None = None
 
 
 class JobProgress(BaseModel):
@@ -138,6 +143,10 @@ def job_view(
             guidance_scale=request.guidance_scale,
             seed=request.seed,
             output_format=request.output_format,
+            task=request.task,
+            image=request.image,
+            mask=request.mask,
+            strength=request.edit_strength,
         ),
         progress=progress,
         queue_position=None if ended or live.running else live.queue_position,

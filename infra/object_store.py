@@ -179,6 +179,10 @@ class ObjectStore:
         """A URL anyone holding it can GET the object from, until it expires."""
         return self._client.presigned_get_object(self.bucket, key, expires=expires)
 
+    def presigned_put_url(self, key: str, expires: timedelta) -> str:
+        """A URL anyone holding it can PUT an object at `key` with, until it expires."""
+        return self._client.presigned_put_object(self.bucket, key, expires=expires)
+
     def check(self) -> None:
         """Raise `ObjectStoreUnavailable` (with what to do) unless the store answers."""
         with _errors_translated(self.endpoint, "reach the object store"):

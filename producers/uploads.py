@@ -21,6 +21,14 @@ def upload(store: ObjectStore, user_id: str, data: bytes) -> str:
     The worker checks the image itself (that it decodes, its size); this refuses only what
     can be told without decoding it. `UploadRefused` says which rule it broke.
     """
+    key, content_type = upload_target(user_id, data)
+    # A conditional put: a second upload of the same content leaves the first object.
+    store.put_if_absent(key, data, content_type)
+    return key
+
+
+def upload_target(user_id: str, data: bytes) -> tuple[str, str]:
+    """The key and content type `upload` stores `data` at; `UploadRefused` as it says."""
     if len(data) > MAX_UPLOAD_BYTES:
         raise UploadRefused(
             f"the file is {len(data):,} bytes, over the {MAX_UPLOAD_BYTES:,} an input may "
@@ -35,6 +43,4 @@ def upload(store: ObjectStore, user_id: str, data: bytes) -> str:
         raise UploadRefused(
             f"{user_id!r} is not a user id: 1-128 letters, digits, '.', '_', '@' or '-'"
         ) from None
-    # A conditional put: a second upload of the same content leaves the first object.
-    store.put_if_absent(key, data, CONTENT_TYPES[image_format])
-    return key
+    return key, CONTENT_TYPES[image_format]

