@@ -1,5 +1,6 @@
-"""The HTTP API's routes: submit, read, list, cancel, the image, the event stream, and the
-health, readiness and metrics of the instance.
+"""The HTTP API's routes: submit (a generation, or an edit as multipart: `gateway.edits`),
+presigned uploads (`gateway.uploads`), read, list, cancel, the image, the event stream, and
+the health, readiness and metrics of the instance.
 
 `create_app(settings)` builds the FastAPI app; its lifespan starts the instance's services
 (`gateway.services`) and stops them on shutdown. Every route but the health ones needs an

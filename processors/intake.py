@@ -38,6 +38,7 @@ from imagegen.schemas import (
 )
 from imagegen.schemas.errors import InvalidMessage
 from imagegen.schemas.fields import RequestId, UserId, utc_now
+from imagegen.schemas.results import task_fields
 from imagegen.schemas.uploads import foreign_inputs, user_prefix
 
 
@@ -315,6 +316,7 @@ def _result(
         retry_after_ms=retry_after_ms,
         duplicate_of=duplicate_of,
         model=request.model,
+        **task_fields(request),
         completed_at=utc_now(),
     )
 
