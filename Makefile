@@ -46,6 +46,8 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python .ci/typecheck.py
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/python .ci/validate_manifests.py
 
 format: $(BIN)/.installed
 	$(BIN)/ruff check --fix .
