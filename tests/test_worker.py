@@ -205,10 +205,10 @@ from imagegen.consumers.rendering import Renderer
 render = Renderer.render
 
 
-def render_or_die(self, requests, on_step=None):
+def render_or_die(self, requests, on_step=None, inputs=None):
     if any(request.prompt == "kill the worker" for request in requests):
         os.kill(os.getpid(), signal.SIGKILL)
-    return render(self, requests, on_step)
+    return render(self, requests, on_step, inputs)
 
 
 Renderer.render = render_or_die
@@ -362,7 +362,10 @@ class ImagelessRenderer:
     device = torch.device("cpu")
 
     def render(
-        self, requests: list[GenerationRequest], on_step: OnStep | None = None
+        self,
+        requests: list[GenerationRequest],
+        on_step: OnStep | None = None,
+        inputs: object = None,
     ) -> list[Image.Image]:
         return []
 
