@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
@@ -32,6 +32,7 @@ from imagegen.gateway.services import Services, blocking
 from imagegen.gateway.submissions import (
     REJECTIONS,
     Outcome,
+    Submission,
     SubmitBody,
     parse_body,
     prefer_wait,
@@ -45,6 +46,21 @@ from imagegen.schemas import Reason
 from imagegen.schemas.errors import BrokerUnavailable, PublishError
 
 JOBS = "/v1/images/jobs"
+#: What a submission, a generation or an edit, may be answered.
+SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "With `Prefer: wait=N`: the job ended within N seconds."},
+    **problems.responses(
+        "invalid-request",
+        "idempotency-key-mismatch",
+        "exceeds-burst",
+        "unknown-model",
+        "deadline-exceeded",
+        "body-too-large",
+        "rate-limited",
+        "overloaded",
+        "canceled",
+    ),
+}
 
 
 def _json(
@@ -87,20 +103,7 @@ def create_app(settings: Settings) -> FastAPI:
                 "content": {"application/json": {"schema": SubmitBody.model_json_schema()}},
             }
         },
-        responses={
-            200: {"description": "With `Prefer: wait=N`: the job ended within N seconds."},
-            **problems.responses(
-                "invalid-request",
-                "idempotency-key-mismatch",
-                "exceeds-burst",
-                "unknown-model",
-                "deadline-exceeded",
-                "body-too-large",
-                "rate-limited",
-                "overloaded",
-                "canceled",
-            ),
-        },
+        responses=SUBMIT_RESPONSES,
     )
     async def create_generation(
         request: Request,
@@ -117,26 +120,13 @@ def create_app(settings: Settings) -> FastAPI:
             settings.default_ttl_s,
             settings.webhook_allow_private,
         )
-        await refuse_private_webhook(submission.request, settings.webhook_allow_private)
-        wait_s = prefer_wait(prefer)
-        return _answer(await submit(services, submission, wait_s), wait_s)
+        return await _submitted(services, submission, prefer)
 
     @app.post(
         EDITS,
         status_code=202,
         response_model=Job,
-        responses={
-            200: {"description": "With `Prefer: wait=N`: the job ended within N seconds."},
-            **problems.responses(
-                "invalid-request",
-                "idempotency-key-mismatch",
-                "exceeds-burst",
-                "unknown-model",
-                "body-too-large",
-                "rate-limited",
-                "overloaded",
-            ),
-        },
+        responses=SUBMIT_RESPONSES,
     )
     async def create_edit(
         request: Request,
@@ -148,9 +138,7 @@ def create_app(settings: Settings) -> FastAPI:
         """Submit an edit (multipart: `image`, optional `mask`, `prompt`, the options): as
         a generation, 202 and the queued Job."""
         submission = await edit_submission(request, user, services, idempotency_key)
-        await refuse_private_webhook(submission.request, settings.webhook_allow_private)
-        wait_s = prefer_wait(prefer)
-        return _answer(await submit(services, submission, wait_s), wait_s)
+        return await _submitted(services, submission, prefer)
 
     @app.post(
         "/v1/uploads",
@@ -284,6 +272,14 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _submitted(services: Services, submission: Submission, prefer: str | None) -> Response:
+    """A checked submission published, and answered as its intake decided."""
+    allow_private = services.settings.webhook_allow_private
+    await refuse_private_webhook(submission.request, allow_private)
+    wait_s = prefer_wait(prefer)
+    return _answer(await submit(services, submission, wait_s), wait_s)
 
 
 async def _cancel(services: Services, job_id: str, user: str) -> None:

@@ -53,7 +53,10 @@ async def edit_submission(
         if name in fields or name in files:
             errors.append((("body", name), "is given twice"))
         elif isinstance(value, UploadFile):
-            files[name] = await _read_file(name, value, errors)
+            if name in FILES:
+                files[name] = await value.read()
+            else:
+                errors.append((("body", name), "is not a file field: only image and mask are"))
         elif name in FILES:
             errors.append((("body", name), "must be a file part"))
         else:
@@ -77,13 +80,6 @@ async def edit_submission(
     for name, (key, content_type) in targets.items():
         await blocking(services.store.put_if_absent, key, files[name], content_type)
     return submission
-
-
-async def _read_file(name: str, part: UploadFile, errors: list[tuple[Loc, str]]) -> bytes:
-    if name not in FILES:
-        errors.append((("body", name), "is not a file field: only image and mask are"))
-        return b""
-    return await part.read()
 
 
 def _number(name: str, text: str) -> object:
@@ -118,8 +114,6 @@ def _targets(
     """Each file's upload key and content type, or its error."""
     targets = {}
     for name, data in files.items():
-        if name not in FILES:
-            continue
         try:
             targets[name] = upload_target(user_id, data)
         except UploadRefused as refused:

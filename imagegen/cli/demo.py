@@ -250,22 +250,22 @@ def _download(
     store = ObjectStore(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     tiles: list[tuple[str, Image.Image]] = []
-    written = 0
+    images: dict[str, Image.Image] = {}  # by object key: an edit's input was read already
     for item in submitted:
         result = answers[item.request.request_id]
         if result.status is not Status.SUCCEEDED or not result.object_key:
             continue
         data = store.get(result.object_key)
         (out_dir / Path(result.object_key).name).write_bytes(data)
-        written += 1
+        images[result.object_key] = _opened(data)
         label = result.user_id
-        if item.source is not None and item.source.object_key:
-            tiles.append(("input", _opened(store.get(item.source.object_key))))
+        if item.source is not None and item.source.object_key in images:
+            tiles.append(("input", images[item.source.object_key]))
             label = item.expect
-        tiles.append((label, _opened(data)))
+        tiles.append((label, images[result.object_key]))
     sheet = out_dir / "contact-sheet.png"
     _contact_sheet(tiles).save(sheet)
-    console.print(f"wrote {written} images and {sheet}")
+    console.print(f"wrote {len(images)} images and {sheet}")
 
 
 def _opened(data: bytes) -> Image.Image:

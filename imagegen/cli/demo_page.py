@@ -16,6 +16,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 from rich.console import Console
 from rich.markup import escape
 
@@ -92,8 +93,24 @@ def serve_page(
     registry = KeyRegistry(settings)
     token, record = registry.create(WEB_USER, KEY_NAME)
     cleanup.callback(_revoke, registry, record.key_id, console)
+    _wait_key_known(serving.url, token, gateway.log)
     _print_page(serving, token, console)
     _until_stopped(kept)
+
+
+def _wait_key_known(url: str, token: str, log: Path) -> None:
+    """Return once the gateway takes the new key: its key book reads it from the broker
+    about a fetch wait after it is published, and a key printed sooner could be refused."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as http:
+        while time.monotonic() < deadline:
+            try:
+                if http.get("v1/images/jobs").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass  # it answered moments ago: a blip; the deadline bounds the wait
+            time.sleep(0.2)  # nothing outside the gateway tells when its book caught up
+    raise ServingFailed(f"the gateway did not take the demo key in time (log: {log})")
 
 
 def _print_page(serving: Serving, token: str, console: Console) -> None:
