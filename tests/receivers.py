@@ -22,7 +22,7 @@ class Received:
 
 class Receiver:
     """`answer(n)` says what to do with the nth delivery. A hanging one is held until
-    `release` (or the receiver closes), so the test decides when it ends."""
+    `release` (or the receiver closes) and then succeeds, so the test decides when it ends."""
 
     def __init__(self, answer: Callable[[int], Answer] = lambda _: "ok") -> None:
         self._answer = answer
@@ -89,8 +89,9 @@ class Receiver:
                     receiver._changed.notify_all()
                 if answer == "hang":
                     receiver._released.wait()
-                    return
-                self.send_response(204 if answer == "ok" else 503)
+                # A released hang answers as a success: the attempt ends once, and nothing is
+                # retried behind the test's back.
+                self.send_response(503 if answer == "fail" else 204)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 

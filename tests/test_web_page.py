@@ -176,7 +176,7 @@ def test_a_key_is_kept_in_the_tab_and_a_refused_one_says_so(
     assert page.evaluate("sessionStorage.getItem('imagegen.apiKey')") == token
     # The key is not shown back: the field is emptied, and the page names the key by its id.
     expect(key_field(page)).to_have_value("")
-    assert token.split("_")[2] not in page.content()
+    assert token.split("_", 2)[2] not in page.content()  # the secret may hold "_"
 
     # Keyboard focus is visible: Tab from the key field to its button draws the outline.
     key_field(page).focus()
