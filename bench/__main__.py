@@ -1,5 +1,5 @@
-"""`python -m bench` (`make bench`): the start-up, intake, render, end-to-end, overload and
-gateway benchmarks in turn.
+"""`python -m bench` (`make bench`): the start-up, intake, render, end-to-end, overload,
+gateway and scale benchmarks in turn.
 
 Writes every figure, the targets and whether each is met, the date, the commit and the
 machine to `bench/results.json`, and generates `docs/benchmarks.md` from the same data.
@@ -29,12 +29,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import e2e, gateway, intake, machine, overload, render, report, startup
+from bench import e2e, gateway, intake, machine, overload, render, report, scale, startup
 from bench.command import exit_on_sigterm
 from imagegen.consumers.devices import resolve_device
 from imagegen.schemas.errors import ConfigError
 
-BENCHMARKS = ("startup", "intake", "render", "e2e", "overload", "gateway")
+BENCHMARKS = ("startup", "intake", "render", "e2e", "overload", "gateway", "scale")
 INTAKE_REQUESTS = 20_000
 INTAKE_REQUESTS_QUICK = 5_000
 
@@ -131,6 +131,13 @@ def targets(mode: Mode) -> list[Target]:
         # A progress bar or a status page fed by the event stream should look live: 100 ms
         # from the worker's event to the SSE client is below what a person notices.
         Target("gateway", "event_lag_p99_ms", False, 100, "SSE event lag p99 (ms)"),
+        Target(
+            "scale",
+            "scaling_efficiency_min",
+            True,
+            0.9,
+            "throughput of N workers / (N x one worker), N up to the partition count",
+        ),
     ]
 
 
@@ -170,6 +177,10 @@ def run_gateway(mode: Mode, scratch: Path) -> dict[str, object]:
     return gateway.run(gateway.QUICK if mode.quick else gateway.DEFAULT, scratch)
 
 
+def run_scale(mode: Mode, scratch: Path) -> dict[str, object]:
+    return scale.run(scale.QUICK if mode.quick else scale.DEFAULT, scratch)
+
+
 RUNNERS: dict[str, Callable[[Mode, Path], dict[str, object]]] = {
     "startup": run_startup,
     "intake": run_intake,
@@ -177,6 +188,7 @@ RUNNERS: dict[str, Callable[[Mode, Path], dict[str, object]]] = {
     "e2e": run_e2e,
     "overload": run_overload,
     "gateway": run_gateway,
+    "scale": run_scale,
 }
 
 

@@ -113,6 +113,18 @@ its lag is arrival - `JobEvent.at`, on the same host's clock. Events the stream 
 because they happened before it opened do not count; the figure checked is over `status` and
 `progress` events."""
 
+SCALE = """\
+N render workers, for N in 1, 2, 3 and 6 (the partition count of `imagegen.render`) and, in a
+full run, 8 beyond it, each run on a private stack of its own. The model is the built-in `fixed:200ms`:
+every batch (up to 4 requests) takes 200 ms asleep and draws a test pattern, so the workers
+do not compete for the host's cores and the figure is of the pipeline around the model (the
+broker, the object store, commits, the group). Each worker has a metrics port and the run
+waits for every `/readyz`; then a warm-up, then a backlog of 200 requests per busy worker (40
+in a quick run), spread evenly over the partitions, put on `imagegen.render` at once. Throughput is the
+results after the first per second, first to last; *vs linear* is throughput over N x the
+one-worker throughput (target at least 0.9 up to the partition count). Workers beyond the
+partition count hold no partition: *busy* counts the workers that rendered anything."""
+
 #: The gateway benchmark's event kinds, as its event-lag table names them.
 LAG_KINDS = {
     "progress": "`progress`",
@@ -130,7 +142,7 @@ BREAKDOWN = {
 
 RUNNING = """\
 ```sh
-make bench                            # all six; bench/results.json and docs/benchmarks.md
+make bench                            # all seven; bench/results.json and docs/benchmarks.md
 BENCH_QUICK=1 make bench              # short runs: a few minutes in all
 make bench ARGS=--gpu                 # render: sd15-random, 512x512, 25 steps on CUDA
 make bench ARGS="--gpu --only render" # that alone, on a GPU machine (or BENCH_GPU=1)
@@ -140,6 +152,7 @@ python -m bench.render [--quick] [--gpu] [--batch-sizes 1,2,4,8]
 python -m bench.e2e [--quick] [--rate 20] [--duration 60]
 python -m bench.overload [--quick] [--load 3] [--duration 30]
 python -m bench.gateway [--quick] [--rate 20] [--duration 20] [--event-jobs 8]
+python -m bench.scale [--quick] [--cost-ms 200]
 ```
 
 Every benchmark starts a private embedded stack (Tansu and moto's S3 server, on free ports)
@@ -186,6 +199,7 @@ def markdown(results: dict[str, Any], results_path: Path) -> str:
         "e2e": _e2e,
         "overload": _overload,
         "gateway": _gateway,
+        "scale": _scale,
     }
     titles = {
         "startup": "Start-up",
@@ -194,6 +208,7 @@ def markdown(results: dict[str, Any], results_path: Path) -> str:
         "e2e": "End to end",
         "overload": "Overload",
         "gateway": "Gateway",
+        "scale": "Scale",
     }
     texts = {
         "startup": STARTUP,
@@ -202,6 +217,7 @@ def markdown(results: dict[str, Any], results_path: Path) -> str:
         "e2e": E2E,
         "overload": OVERLOAD,
         "gateway": GATEWAY,
+        "scale": SCALE,
     }
     for name, run in runs.items():
         lines += [f"## {titles[name]}", "", texts[name], "", _run_line(run), ""]
@@ -466,6 +482,23 @@ def _gateway(figures: dict[str, Any]) -> list[str]:
         ("event lag (ms)", "p50", "p95", "p99", "max"), [(n, *_spread(p)) for n, p in rows]
     )
     return lines
+
+
+def _scale(figures: dict[str, Any]) -> list[str]:
+    return _table(
+        ("workers", "partitions", "requests", "throughput (req/s)", "vs linear", "busy"),
+        [
+            (
+                r["workers"],
+                r["partitions"],
+                r["requests"],
+                _value(r["throughput_per_s"]),
+                _value(r["vs_linear"]),
+                r["busy_workers"],
+            )
+            for r in figures["runs"]
+        ],
+    )
 
 
 def _cpu_threads(options: dict[str, Any]) -> str:

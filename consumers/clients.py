@@ -43,6 +43,11 @@ def make_worker_clients(settings: Settings) -> WorkerClients:
                 # (`imagegen.processors.load`); librdkafka's default 5 s between commits
                 # would make the backlog read a few seconds' work too high.
                 "auto.commit.interval.ms": 500,
+                # A worker joining or leaving moves only the partitions that must move;
+                # the eager default would stop every worker's fetching for each rebalance
+                # (what KEDA scaling does often). `RenderWorker._on_assign` adds partitions
+                # incrementally to match.
+                "partition.assignment.strategy": "cooperative-sticky",
             },
         ),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import cast
@@ -30,9 +31,9 @@ ConsumedHeaders = list[tuple[str, bytes | None]]
 
 @dataclass(frozen=True)
 class Polled:
-    """Where a consumed record lives, and the assignment (`generation`) it was polled in:
-    once its partition is revoked or lost, its completion is ignored, because the
-    partition's next owner does the work again."""
+    """Where a consumed record lives, and its partition's assignment epoch (`generation`)
+    it was polled in: once its partition is revoked or lost, its completion is ignored,
+    because the partition's next owner does the work again."""
 
     topic: str
     partition: int
@@ -40,12 +41,14 @@ class Polled:
     generation: int
 
     @classmethod
-    def of(cls, message: Message, generation: int) -> Polled:
+    def of(cls, message: Message, epochs: Mapping[tuple[str, int], int]) -> Polled:
+        """Where `message` lives, in its partition's current epoch of `epochs` (-1 for a
+        partition not held: a record fetched just before its partition was revoked)."""
         topic, partition, offset = message.topic(), message.partition(), message.offset()
         # Only error events lack these, and the poll loop passes none of those on.
         if topic is None or partition is None or offset is None:
             raise ValueError("a consumed record has no topic, partition or offset")
-        return cls(topic, partition, offset, generation)
+        return cls(topic, partition, offset, epochs.get((topic, partition), -1))
 
     def __str__(self) -> str:
         return f"{self.topic}[{self.partition}]@{self.offset}"

@@ -1,8 +1,9 @@
 """The model registry: which pipelines a render worker serves, and where each one comes from.
 
 A `--model` option is `SOURCE` or `NAME=SOURCE`. A source is a built-in (`tiny`, `sd15-random`,
-built in code by `imagegen.consumers.synthetic`), a local directory holding a diffusers
-pipeline, or a Hugging Face hub id.
+built in code by `imagegen.consumers.synthetic`; `fixed:<duration>`, a test pattern at a fixed
+cost, by `imagegen.consumers.fixed_cost`), a local directory holding a diffusers pipeline, or
+a Hugging Face hub id.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from pydantic import TypeAdapter, ValidationError
 
+from imagegen.consumers.fixed_cost import PREFIX as FIXED_COST
+from imagegen.consumers.fixed_cost import FixedCostPipeline, parse_cost
 from imagegen.consumers.synthetic import BUILTIN_MODELS, cached_tiny, sd15_random
 from imagegen.schemas.errors import ConfigError, ImagegenError
 from imagegen.schemas.fields import ModelName
 
 _SOURCE_HELP = (
     "; pass a directory holding a diffusers pipeline (with model_index.json), the id of a hub "
-    f"model that is cached or reachable, or a built-in: {', '.join(BUILTIN_MODELS)}"
+    f"model that is cached or reachable, or a built-in: {', '.join(BUILTIN_MODELS)}, or "
+    f"{FIXED_COST}<duration> (a test pattern at a fixed cost per call, such as fixed:200ms)"
 )
 
 _MODEL_NAME = TypeAdapter(ModelName)
@@ -59,8 +63,11 @@ def load_pipeline(
     `tiny` is built once into `cache_dir` and loaded from there afterwards. Raises
     `UnknownModel` when `source` is neither a built-in nor a loadable directory or hub id.
     """
+    pipeline: DiffusionPipeline
     if source == "sd15-random":
         pipeline = sd15_random(device, dtype)
+    elif source.startswith(FIXED_COST):
+        pipeline = FixedCostPipeline(parse_cost(source))
     else:
         location = cached_tiny(cache_dir) if source == "tiny" else source
         pipeline = _from_pretrained(location, dtype).to(device)

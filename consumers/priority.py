@@ -79,9 +79,13 @@ class FetchGate:
         self._batch_full = False  # the batch cap was reached, and half of it is not done
         self._paused: set[str] = set()
 
-    def assigned(self) -> None:
-        """A rebalance assigned partitions afresh, unpaused."""
-        self._paused = set()
+    def assigned(self, partitions: list[TopicPartition]) -> None:
+        """A rebalance added `partitions` (already assigned): they arrive unpaused, so those
+        of a topic the gate holds paused are paused too. Cooperative rebalances add to the
+        assignment and leave the rest as it was."""
+        held = [tp for tp in partitions if tp.topic in self._paused]
+        if held:
+            self._consumer.pause(held)
 
     def poll_limit(self, in_flight: int, batch_in_flight: int) -> int:
         """How many records the next poll may take."""

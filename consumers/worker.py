@@ -77,6 +77,7 @@ from imagegen.consumers.progress import JobEvents
 from imagegen.consumers.rendering import Renderer
 from imagegen.consumers.retry import RetryPolicy
 from imagegen.infra.cancel_book import CancelBook
+from imagegen.infra.health import Health
 from imagegen.infra.kafka import consume_available
 from imagegen.infra.metrics import IN_FLIGHT, RECORDS_CONSUMED
 from imagegen.infra.settings import Settings
@@ -108,10 +109,14 @@ class RenderWorker:
         renderers: Mapping[str, Renderer],
         options: WorkerOptions | None = None,
         clients: WorkerClients | None = None,
+        health: Health | None = None,
     ) -> None:
         """`renderers` maps the model names that requests use to what renders them;
-        `clients` are built from `settings` unless given."""
+        `clients` are built from `settings` unless given; `health` is what the metrics port
+        serves: the poll loop beats on it, and the first assignment meets its "group"
+        condition."""
         self.settings = settings
+        self._health = health or Health()
         self.options = options or WorkerOptions()
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
         if clients is None:
@@ -128,7 +133,11 @@ class RenderWorker:
         events = JobEvents(self._outbox, self.worker_id)
         self._outcomes = Outcomes(self._outbox, crashes, clients.store, self.worker_id, events)
         self._book = CancelBook(settings)
-        self._generation = 0  # the assignment; older jobs' completions are ignored
+        # Each held partition's assignment epoch. A job polled in an earlier epoch of its
+        # partition is stale: the partition was revoked or lost since, its next owner redoes
+        # the job, and this completion is ignored.
+        self._epochs: dict[tuple[str, int], int] = {}
+        self._next_epoch = 0
         self._crashed: str | None = None  # why the worker stopped early, if it did
         self._stopping = threading.Event()
         self._pipeline = RenderPipeline(
@@ -142,7 +151,7 @@ class RenderWorker:
             check_threads=self.options.check_threads,
             finish_threads=self.options.finish_threads,
             stopping=self._stopping,
-            is_current=lambda job: job.polled.generation == self._generation,
+            is_current=lambda job: self._is_current(job.polled),
             lifecycle=Lifecycle(self._book.honoured, settings.default_ttl_s, events),
         )
         self._gate = FetchGate(
@@ -169,6 +178,7 @@ class RenderWorker:
         )
         log.info("worker %s serving %s", self.worker_id, self._serving)
         while not self._stopping.is_set():
+            self._health.liveness.beat("poll loop")
             limit = self._gate.poll_limit(self._in_flight(), self._batch_in_flight())
             for message in consume_available(self._consumer, limit, 0.1):
                 self._accept(message)
@@ -210,7 +220,7 @@ class RenderWorker:
             else:
                 log.warning("consumer error: %s", consumer_error)
             return
-        polled = Polled.of(message, self._generation)
+        polled = Polled.of(message, self._epochs)
         RECORDS_CONSUMED.labels(polled.topic).inc()
         self._trackers[polled.topic].started(polled.partition, polled.offset)
         try:
@@ -246,7 +256,7 @@ class RenderWorker:
     def _store_finished(self) -> None:
         offsets: list[TopicPartition] = []
         for polled in self._outbox.finished():
-            if polled.generation != self._generation:
+            if not self._is_current(polled):
                 continue  # from before a rebalance: the partition's owner redoes it
             tracker = self._trackers[polled.topic]
             committable = tracker.finished(polled.partition, polled.offset)
@@ -254,6 +264,9 @@ class RenderWorker:
                 offsets.append(TopicPartition(polled.topic, polled.partition, committable))
         if offsets:
             self._consumer.store_offsets(offsets=offsets)
+
+    def _is_current(self, polled: Polled) -> bool:
+        return self._epochs.get((polled.topic, polled.partition)) == polled.generation
 
     def _in_flight(self) -> int:
         return sum(tracker.in_flight() for tracker in self._trackers.values())
@@ -268,13 +281,26 @@ class RenderWorker:
 
     # ---- rebalances -----------------------------------------------------------------------
 
+    # Assignment is cooperative-sticky (`imagegen.consumers.clients`): a rebalance revokes
+    # only the partitions that move and then adds theirs to their new owner, so every other
+    # partition goes on being fetched and rendered throughout.
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.info("assigned %s", _names(partitions))
-        self._gate.assigned()
+        """Add `partitions` to what this worker holds, in a new epoch."""
+        consumer.incremental_assign(partitions)
+        # Called at every rebalance, with no partitions too: a worker beyond the partition
+        # count is in its group, idle, and ready to take over.
+        self._health.readiness.holds("group")
+        for tp in partitions:
+            self._epochs[(tp.topic, tp.partition)] = self._next_epoch
+        self._next_epoch += 1
         if self._stopping.is_set():
             # Assigned while draining: nothing more is fetched, the next owner reads them.
-            consumer.assign(partitions)
             consumer.pause(partitions)
+        else:
+            self._gate.assigned(partitions)
+        if partitions:
+            log.info("assigned %s", _names(partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Commit what is finished; work still in flight for these partitions is left to
@@ -282,23 +308,23 @@ class RenderWorker:
         self._store_finished()
         _commit(consumer)
         self._forget(partitions)
-        self._generation += 1
         log.info("revoked %s", _names(partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._forget(partitions)
-        self._generation += 1
         log.warning("lost %s to another worker", _names(partitions))
 
     def _forget(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._trackers[tp.topic].forget([tp.partition])
+            self._epochs.pop((tp.topic, tp.partition), None)
 
     # ---- shutdown -------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
         """Stop fetching, finish what is rendering, release what is queued, commit."""
         log.info("stopping: finishing in-flight work")
+        self._health.readiness.wait_for("stopping", "finishing in-flight work")
         self._consumer.pause(self._consumer.assignment())
         with ThreadPoolExecutor(1, "drain") as drain:
             drained = drain.submit(self._drain)
@@ -308,6 +334,7 @@ class RenderWorker:
             # assigned meanwhile); a record that still arrives, fetched before the pause,
             # is left uncommitted for the partition's next owner.
             while not drained.done():
+                self._health.liveness.beat("poll loop")
                 message = self._consumer.poll(0.1)
                 if message is not None and message.error() is not None:
                     log.warning("consumer error while stopping: %s", message.error())

@@ -6,7 +6,8 @@ them. Every process registers all of them in the default registry, next to
 prometheus_client's process metrics; one a process never touches reads 0, or has no
 series at all when it has labels.
 
-- `serve(port, host, setting=...)` starts `/metrics`; port 0 leaves it off.
+- `serve(port, host, setting=..., health=...)` starts `/metrics`, `/healthz` and `/readyz`
+  (`imagegen.infra.health`); port 0 leaves them off.
 - `LagMonitor(settings, group, topics)` refreshes `imagegen_consumer_lag` from the group's
   committed offsets (`group_lag`) on a thread of its own, off the hot path.
 - `observe_gpu_memory(device)` samples CUDA memory after a batch.
@@ -17,19 +18,24 @@ from __future__ import annotations
 import errno
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Self
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
 
 from imagegen.infra.kafka import EndOffsets, make_consumer
 from imagegen.infra.settings import Settings
 from imagegen.schemas.errors import BrokerUnavailable, ConfigError
 
 if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
     import torch
+
+    from imagegen.infra.health import Health
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +134,9 @@ GPU_MEMORY_RESERVED = Gauge(
 )
 
 
-def serve(port: int, host: str, *, setting: str) -> WSGIServer | None:
-    """Serve `/metrics` on `host:port` from a daemon thread, and return the server; port 0
-    serves nothing.
+def serve(port: int, host: str, *, setting: str, health: Health) -> WSGIServer | None:
+    """Serve `/metrics`, and `health` on `/healthz` and `/readyz`, on `host:port` from a
+    daemon thread, and return the server; port 0 serves nothing.
 
     `setting` names what chooses the port (a variable, an option), so that the error for a
     port already in use says what to change.
@@ -138,7 +144,7 @@ def serve(port: int, host: str, *, setting: str) -> WSGIServer | None:
     if port == 0:
         return None
     try:
-        server, _thread = start_http_server(port, host)
+        server = make_server(host, port, _routes(health), _Server, _QuietHandler)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError(
@@ -149,8 +155,36 @@ def serve(port: int, host: str, *, setting: str) -> WSGIServer | None:
             f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}): check "
             f"{setting} and IMAGEGEN_METRICS_HOST"
         ) from exc
-    log.info("serving metrics on http://%s:%d/metrics", host, port)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    log.info("serving metrics on http://%s:%d/metrics (and /healthz, /readyz)", host, port)
     return server
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    # A slow scrape or probe must not hold up the next one, nor the process's exit.
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # a probe every few seconds would drown the process's own log
+
+
+def _routes(health: Health) -> WSGIApplication:
+    scrape = make_wsgi_app()
+    checks = {"/healthz": health.liveness.stalled, "/readyz": health.readiness.unready}
+
+    def route(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        check = checks.get(environ.get("PATH_INFO", ""))
+        if check is None:
+            scraped: Iterable[bytes] = scrape(environ, start_response)
+            return scraped
+        problems = check()
+        status = "503 Service Unavailable" if problems else "200 OK"
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+        return [("\n".join(problems) if problems else "ok").encode() + b"\n"]
+
+    return route
 
 
 class LagMonitor:

@@ -43,6 +43,7 @@ from faust.types import EventT, StreamT
 
 from imagegen.infra.cancel_book import CancelBook
 from imagegen.infra.dead_letter_spill import fits, spill
+from imagegen.infra.health import Health, probe_broker_and_store
 from imagegen.infra.kafka import check_broker, make_admin
 from imagegen.infra.logs import logging_config
 from imagegen.infra.metrics import (
@@ -146,6 +147,18 @@ class IntakeProcessor:
         self._sweep_interval_s = min(SWEEP_INTERVAL_S, settings.dedupe_window_s / 10)
         self._next_sweep = time.monotonic() + self._sweep_interval_s
         self.app.agent(self.requests, name="intake")(self._consume)
+        # What the metrics port serves: the event loop beats every second; the processor is
+        # ready once its first rebalance completed, its tables recovered.
+        self.health = Health()
+        self.health.readiness.joining(PROCESSOR_GROUP)
+        self.app.timer(1.0)(self._beat)
+        self.app.on_rebalance_complete.connect(self._rebalanced)
+
+    async def _beat(self, *_: object) -> None:
+        self.health.liveness.beat("event loop")
+
+    async def _rebalanced(self, *_: object, **__: object) -> None:
+        self.health.readiness.holds("group")
 
     async def _consume(self, stream: StreamT) -> None:
         # Records are handled in batches so that their sends travel together: waiting for
@@ -365,10 +378,12 @@ class IntakeProcessor:
         `log_level` and `metrics_port` override the settings' (0 serves no metrics)."""
         settings = self.settings
         level = log_level or settings.log_level
+        probe_broker_and_store(self.health.readiness, settings)
         metrics = serve(
             settings.processor_metrics_port if metrics_port is None else metrics_port,
             settings.metrics_host,
             setting="--metrics-port (or IMAGEGEN_PROCESSOR_METRICS_PORT)",
+            health=self.health,
         )
         worker = faust.Worker(
             self.app,

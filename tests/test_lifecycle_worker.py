@@ -308,10 +308,20 @@ def test_back_pressure_pauses_everything_until_half_is_done() -> None:
     assert consumer.paused_topics() == {RENDER, RENDER_BATCH}
     gate.update(in_flight=16, batch_in_flight=0)
     assert consumer.paused_topics() == set()
-    gate.assigned()  # a rebalance: partitions come back unpaused, and the gate knows it
-    consumer.paused.clear()
+
+
+def test_a_partition_added_while_its_topic_is_paused_is_paused_too() -> None:
+    consumer = FakeConsumer({(RENDER, 0): 0, (RENDER_BATCH, 0): 0}, {(RENDER, 0): 0})
+    gate = gate_for(consumer, [0])
     gate.update(in_flight=32, batch_in_flight=0)
-    assert consumer.paused_topics() == {RENDER, RENDER_BATCH}
+    # A cooperative rebalance adds partitions, unpaused, and leaves the others as they were.
+    added = [TopicPartition(RENDER, 1), TopicPartition(RENDER_BATCH, 1)]
+    consumer.positions |= {(tp.topic, tp.partition): 0 for tp in added}
+    consumer.highs[RENDER, 1] = 0
+    gate.assigned(added)
+    assert consumer.paused == {(topic, p) for topic in (RENDER, RENDER_BATCH) for p in (0, 1)}
+    gate.update(in_flight=16, batch_in_flight=0)
+    assert consumer.paused == set()  # and all of them are resumed together
 
 
 def test_a_partition_that_handed_nothing_over_counts_no_backlog() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -236,3 +237,32 @@ def test_float16_on_cpu_says_what_to_use_instead() -> None:
 def test_unknown_dtype_lists_the_choices() -> None:
     with pytest.raises(ConfigError, match="auto, float16, bfloat16, float32"):
         resolve_dtype("fp8", CPU)
+
+
+def test_a_fixed_cost_model_takes_its_cost_per_call_and_draws_by_seed(cache_dir: Path) -> None:
+    from imagegen.consumers.rendering import Renderer
+    from imagegen.schemas import GenerationRequest
+
+    registry = ModelRegistry.load(["tiny=fixed:300ms"], CPU, torch.float32, cache_dir)
+    renderer = Renderer(registry.get("tiny"), CPU)
+    requests = [
+        GenerationRequest.new(user_id="ann", prompt=f"p{i}", width=64, height=64, steps=3, seed=i)
+        for i in range(4)
+    ]
+    steps: list[tuple[int, int]] = []
+    started = time.monotonic()
+    batch = renderer.render(requests, on_step=lambda done, total: steps.append((done, total)))
+    took_s = time.monotonic() - started
+    # The cost is per call: four images take as long as one, and the steps are reported.
+    assert took_s >= 0.3
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    alone = renderer.render(requests[1:2])
+    assert [image.size for image in batch] == [(64, 64)] * 4
+    assert batch[1].tobytes() == alone[0].tobytes()
+    assert batch[0].tobytes() != batch[1].tobytes()
+
+
+@pytest.mark.parametrize("source", ["fixed:", "fixed:0ms", "fixed:2min", "fixed:61s", "fixed:-1s"])
+def test_a_fixed_cost_must_be_a_duration(source: str, cache_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="fixed:<number>ms or fixed:<number>s"):
+        load_pipeline(source, CPU, torch.float32, cache_dir)

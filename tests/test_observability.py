@@ -20,6 +20,7 @@ from confluent_kafka.admin import NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
 from imagegen.infra import tracing
+from imagegen.infra.health import Health
 from imagegen.infra.kafka import EndOffsets, make_admin, make_consumer, make_producer
 from imagegen.infra.logs import configure_logging, log_context, logging_config
 from imagegen.infra.metrics import group_lag, observe_gpu_memory, serve
@@ -133,7 +134,7 @@ def test_a_metrics_port_in_use_names_the_setting_to_change(tmp_path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(ConfigError, match=f"port {port} .* in use: set THE_SETTING"):
-            serve(port, "127.0.0.1", setting="THE_SETTING")
+            serve(port, "127.0.0.1", setting="THE_SETTING", health=Health())
 
         # The worker fails at once, before loading any model.
         env = {**settings_env(load_settings()), "IMAGEGEN_METRICS_HOST": "127.0.0.1"}
@@ -146,7 +147,7 @@ def test_a_metrics_port_in_use_names_the_setting_to_change(tmp_path) -> None:
         )
     assert done.returncode == 2, done.stderr
     assert "--metrics-port (or IMAGEGEN_WORKER_METRICS_PORT)" in done.stderr
-    assert serve(0, "127.0.0.1", setting="THE_SETTING") is None
+    assert serve(0, "127.0.0.1", setting="THE_SETTING", health=Health()) is None
 
 
 def test_lag_counts_from_the_committed_offsets(settings: Settings) -> None:

@@ -36,6 +36,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from imagegen.consumers.offsets import OffsetTracker
 from imagegen.infra.dead_letter_spill import fits, spill
+from imagegen.infra.health import DEFAULT_STALL_S, Health
 from imagegen.infra.kafka import (
     consume_available,
     consumed_headers,
@@ -83,8 +84,21 @@ class _Taken:
 
 
 class WebhookDeliverer:
-    def __init__(self, settings: Settings, attempts: Attempts, store: ObjectStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        attempts: Attempts,
+        store: ObjectStore,
+        health: Health | None = None,
+    ) -> None:
+        """`health` is what the metrics port serves: the polling loop beats on it, and the
+        first assignment meets its "group" condition."""
         self._settings = settings
+        self._health = health or Health()
+        # The loop waits for a free slot at most as long as one attempt may take.
+        self._stall_s = (
+            settings.webhook_connect_timeout_s + settings.webhook_read_timeout_s + DEFAULT_STALL_S
+        )
         self._attempts = attempts
         self._store = store  # where dead letters too big for the DLQ spill
         self._consumer: Consumer = make_consumer(settings, WEBHOOK_GROUP)
@@ -97,12 +111,7 @@ class WebhookDeliverer:
         self._per_user: Counter[str] = Counter()
         self._in_flight = 0
         self._ended: queue.SimpleQueue[tuple[_Taken, Attempted]] = queue.SimpleQueue()
-        self._joined = threading.Event()
         self._stopping = threading.Event()
-
-    @property
-    def joined(self) -> bool:
-        return self._joined.is_set()
 
     def run(self) -> None:
         """Deliver until `stop`; then finish what is in flight and commit."""
@@ -111,6 +120,7 @@ class WebhookDeliverer:
         )
         try:
             while not self._stopping.is_set():
+                self._health.liveness.beat("delivery loop", self._stall_s)
                 self._step()
             self._pool.shutdown(wait=True)
             self._settle_ended()
@@ -299,7 +309,7 @@ class WebhookDeliverer:
     # ---- rebalances -------------------------------------------------------------------
 
     def _assigned(self, _: Consumer, partitions: list[TopicPartition]) -> None:
-        self._joined.set()
+        self._health.readiness.holds("group")
 
     def _revoked(self, _: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = [(tp.topic, tp.partition) for tp in partitions]

@@ -11,12 +11,14 @@ import logging
 import signal
 
 from imagegen.gateway.job_store import JobStore
+from imagegen.infra.health import Health, probe_broker_and_store
 from imagegen.infra.kafka import check_broker
 from imagegen.infra.logs import configure_logging
 from imagegen.infra.metrics import serve
 from imagegen.infra.object_store import ObjectStore
 from imagegen.infra.settings import Settings, load_settings
 from imagegen.infra.webhook_secret_book import WebhookSecretBook
+from imagegen.schemas.topics import WEBHOOK_GROUP
 from imagegen.webhooks.attempts import Attempts
 from imagegen.webhooks.deliverer import WebhookDeliverer
 from imagegen.webhooks.sender import WebhookSender
@@ -28,12 +30,20 @@ def run(settings: Settings, metrics_setting: str = "IMAGEGEN_WEBHOOKS_METRICS_PO
     check_broker(settings)
     store = ObjectStore(settings)
     store.check()
-    metrics = serve(settings.webhooks_metrics_port, settings.metrics_host, setting=metrics_setting)
+    health = Health()
+    health.readiness.joining(WEBHOOK_GROUP)
+    probe_broker_and_store(health.readiness, settings)
+    metrics = serve(
+        settings.webhooks_metrics_port,
+        settings.metrics_host,
+        setting=metrics_setting,
+        health=health,
+    )
     sender = WebhookSender(settings)
     try:
         with WebhookSecretBook(settings) as secrets:
             attempts = Attempts(settings, secrets, JobStore(store), sender)
-            deliverer = WebhookDeliverer(settings, attempts, store)
+            deliverer = WebhookDeliverer(settings, attempts, store, health)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: deliverer.stop())
             if settings.webhook_allow_private:

@@ -13,10 +13,11 @@ import typer
 
 from imagegen.cli.extras import require_extras
 from imagegen.cli.options import LogLevel, WorkerMetricsPort
+from imagegen.infra.health import Health, probe_broker_and_store
 from imagegen.infra.logs import configure_logging
 from imagegen.infra.metrics import LagMonitor, serve
 from imagegen.infra.settings import load_settings
-from imagegen.schemas.topics import RENDER, RENDER_BATCH
+from imagegen.schemas.topics import RENDER, RENDER_BATCH, WORKER_GROUP
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,17 @@ def worker(
     require_extras("worker", "worker")
     settings = load_settings()
     configure_logging(settings, log_level)
-    # Before the slow model load, so that a taken port fails at once.
+    health = Health()
+    health.readiness.wait_for("model", "loading " + ", ".join(model))
+    health.readiness.joining(WORKER_GROUP)
+    probe_broker_and_store(health.readiness, settings)
+    # Before the slow model load, so that a taken port fails at once, and so that a probe
+    # finds the process alive (and not ready) while it loads.
     metrics = serve(
         settings.worker_metrics_port if metrics_port is None else metrics_port,
         settings.metrics_host,
         setting="--metrics-port (or IMAGEGEN_WORKER_METRICS_PORT)",
+        health=health,
     )
     # OpenMP threads that spin while waiting for work starve everything else on a busy
     # CPU host (Kafka, S3, other processes): measured 3x slower renders under load. Threads
@@ -88,7 +95,6 @@ def worker(
     from imagegen.consumers.models import ModelRegistry
     from imagegen.consumers.rendering import Renderer
     from imagegen.consumers.worker import RenderWorker, WorkerOptions
-    from imagegen.schemas.topics import WORKER_GROUP
 
     if cpu_threads is not None:
         # A render waits for the slowest of its threads, so one thread preempted by another
@@ -110,11 +116,12 @@ def worker(
         model, torch_device, torch_dtype, Path(settings.state_dir) / "models"
     )
     log.info("loaded in %.1fs", time.monotonic() - started)
+    health.readiness.holds("model")
     renderers = {name: Renderer(registry.get(name), torch_device) for name in registry.names}
     options = WorkerOptions(
         max_batch=max_batch, max_wait_ms=max_wait_ms, max_in_flight=max(32, 4 * max_batch)
     )
-    render_worker = RenderWorker(settings, renderers, options)
+    render_worker = RenderWorker(settings, renderers, options, health=health)
     # Lag is only worth reading where something scrapes it.
     lag = (
         LagMonitor(settings, WORKER_GROUP, [RENDER, RENDER_BATCH])
