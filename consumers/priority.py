@@ -2,8 +2,8 @@
 nothing more while too much is in flight.
 
 The worker reads two topics in one group: `imagegen.render` (interactive) and
-`imagegen.render.batch` (batch). `FetchGate`, run by the poll loop after every poll, pauses
-and resumes their partitions:
+`imagegen.render.batch` (batch), through a consumer each (`imagegen.consumers.clients`).
+`FetchGate`, run by the poll loop after every poll, pauses and resumes their partitions:
 - back-pressure: every partition pauses once the worker has `max_in_flight` requests in
   flight (queued, rendering, finishing), and resumes once it is down to half of that.
   Fetching stops, polling does not: the consumer stays in its group however long the work
@@ -26,7 +26,7 @@ reached, so nothing is skipped.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from confluent_kafka import Consumer, TopicPartition
 
@@ -65,13 +65,14 @@ class FetchGate:
 
     def __init__(
         self,
-        consumer: Consumer,
+        consumers: Mapping[str, Consumer],
         max_in_flight: int,
         batch_cap: int,
         interactive_queued: Callable[[], int],
     ) -> None:
-        """`interactive_queued` counts the interactive jobs waiting for the render thread."""
-        self._consumer = consumer
+        """`consumers` reads each of `TOPICS`; `interactive_queued` counts the interactive
+        jobs waiting for the render thread."""
+        self._consumers = consumers
         self._max_in_flight = max_in_flight
         self._batch_cap = batch_cap
         self._interactive_queued = interactive_queued
@@ -80,12 +81,16 @@ class FetchGate:
         self._paused: set[str] = set()
 
     def assigned(self, partitions: list[TopicPartition]) -> None:
-        """A rebalance added `partitions` (already assigned): they arrive unpaused, so those
-        of a topic the gate holds paused are paused too. Cooperative rebalances add to the
-        assignment and leave the rest as it was."""
-        held = [tp for tp in partitions if tp.topic in self._paused]
-        if held:
-            self._consumer.pause(held)
+        """A rebalance added `partitions` (already assigned) to the consumer of their topic:
+        pause them if the gate holds the topic paused, and resume them otherwise, since
+        librdkafka keeps a partition paused across its revocation and return. Cooperative
+        rebalances add to an assignment and leave the rest of it as it was."""
+        for tp in partitions:
+            consumer = self._consumers[tp.topic]
+            if tp.topic in self._paused:
+                consumer.pause([tp])
+            else:
+                consumer.resume([tp])
 
     def poll_limit(self, in_flight: int, batch_in_flight: int) -> int:
         """How many records the next poll may take."""
@@ -112,19 +117,18 @@ class FetchGate:
     def _interactive_waiting(self) -> bool:
         if self._interactive_queued() > 0:
             return True
-        render = [tp for tp in self._consumer.assignment() if tp.topic == RENDER]
-        return unread(self._consumer, render) > 0
+        interactive = self._consumers[RENDER]
+        return unread(interactive, interactive.assignment()) > 0
 
     def _apply(self, paused: set[str], in_flight: int) -> None:
         if paused == self._paused:
             return
-        assignment = self._consumer.assignment()
         for topic in TOPICS:
-            partitions = [tp for tp in assignment if tp.topic == topic]
+            consumer = self._consumers[topic]
             if topic in paused and topic not in self._paused:
                 log.debug("pausing %s: %d request(s) in flight", topic, in_flight)
-                self._consumer.pause(partitions)
+                consumer.pause(consumer.assignment())
             elif topic in self._paused and topic not in paused:
                 log.debug("resuming %s: %d request(s) in flight", topic, in_flight)
-                self._consumer.resume(partitions)
+                consumer.resume(consumer.assignment())
         self._paused = paused

@@ -15,10 +15,11 @@ The rest of the worker lives beside it:
 - `imagegen.consumers.clients`: the broker and object-store clients, built for the worker.
 
 Threads, and what each one owns:
-- the poll loop (`run`, the caller's thread) owns the consumer. It polls, pauses and resumes
-  partitions (`FetchGate`: every partition while too much work is in flight, the batch ones
-  while interactive work waits), and stores the offsets of finished work. Nothing else
-  touches the consumer.
+- the poll loop (`run`, the caller's thread) owns the consumers, one per topic
+  (`imagegen.consumers.clients` says why). It polls, pauses and resumes partitions
+  (`FetchGate`: every partition while too much work is in flight, the batch ones while
+  interactive work waits), and stores the offsets of finished work. Nothing else touches
+  the consumers.
 - the cancellation book's reading thread, which it starts before subscribing, so that every
   cancellation published before the worker started is honoured.
 - the pipeline's pools and render thread, and the outbox's delivery thread. If the render
@@ -85,7 +86,7 @@ from imagegen.infra.topics import ensure_topics
 from imagegen.infra.tracing import start_span
 from imagegen.schemas import GenerationRequest, decode
 from imagegen.schemas.errors import WorkerCrashed
-from imagegen.schemas.topics import RENDER_BATCH
+from imagegen.schemas.topics import RENDER, RENDER_BATCH
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class RenderWorker:
         if clients is None:
             clients = make_worker_clients(settings)
         ensure_topics(clients.admin, settings)
-        self._consumer: Consumer = clients.consumer
+        self._consumers = clients.consumers
         self._serving = ", ".join(renderers)
         self._trackers = {topic: OffsetTracker() for topic in TOPICS}
         policy = RetryPolicy(
@@ -155,7 +156,7 @@ class RenderWorker:
             lifecycle=Lifecycle(self._book.honoured, settings.default_ttl_s, events),
         )
         self._gate = FetchGate(
-            self._consumer,
+            self._consumers,
             self.options.max_in_flight,
             self.options.max_batch_in_flight or 2 * self.options.max_batch,
             interactive_queued=lambda: self._pipeline.queued(INTERACTIVE),
@@ -170,18 +171,23 @@ class RenderWorker:
         self._book.start()
         self._pipeline.start(on_crash=self._thread_crashed)
         self._outbox.start(on_crash=self._thread_crashed)
-        self._consumer.subscribe(
-            list(TOPICS),
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
-        )
+        for topic, consumer in self._consumers.items():
+            consumer.subscribe(
+                [topic],
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_lost,
+            )
         log.info("worker %s serving %s", self.worker_id, self._serving)
         while not self._stopping.is_set():
             self._health.liveness.beat("poll loop")
-            limit = self._gate.poll_limit(self._in_flight(), self._batch_in_flight())
-            for message in consume_available(self._consumer, limit, 0.1):
-                self._accept(message)
+            for topic, consumer in self._consumers.items():
+                # Waiting happens on the interactive consumer only; batch records are
+                # taken as they are, so an idle loop turns ten times a second.
+                wait_s = 0.1 if topic == RENDER else 0.0
+                limit = self._gate.poll_limit(self._in_flight(), self._batch_in_flight())
+                for message in consume_available(consumer, limit, wait_s):
+                    self._accept(message)
             self._store_finished()
             self._update_fetching()
         self._shutdown()
@@ -254,16 +260,17 @@ class RenderWorker:
             )
 
     def _store_finished(self) -> None:
-        offsets: list[TopicPartition] = []
+        offsets: dict[str, list[TopicPartition]] = {}
         for polled in self._outbox.finished():
             if not self._is_current(polled):
                 continue  # from before a rebalance: the partition's owner redoes it
             tracker = self._trackers[polled.topic]
             committable = tracker.finished(polled.partition, polled.offset)
             if committable is not None:
-                offsets.append(TopicPartition(polled.topic, polled.partition, committable))
-        if offsets:
-            self._consumer.store_offsets(offsets=offsets)
+                offset = TopicPartition(polled.topic, polled.partition, committable)
+                offsets.setdefault(polled.topic, []).append(offset)
+        for topic, stored in offsets.items():
+            self._consumers[topic].store_offsets(offsets=stored)
 
     def _is_current(self, polled: Polled) -> bool:
         return self._epochs.get((polled.topic, polled.partition)) == polled.generation
@@ -325,7 +332,8 @@ class RenderWorker:
         """Stop fetching, finish what is rendering, release what is queued, commit."""
         log.info("stopping: finishing in-flight work")
         self._health.readiness.wait_for("stopping", "finishing in-flight work")
-        self._consumer.pause(self._consumer.assignment())
+        for consumer in self._consumers.values():
+            consumer.pause(consumer.assignment())
         with ThreadPoolExecutor(1, "drain") as drain:
             drained = drain.submit(self._drain)
             # The consumer keeps polling while in-flight work finishes: a render longer
@@ -335,16 +343,18 @@ class RenderWorker:
             # is left uncommitted for the partition's next owner.
             while not drained.done():
                 self._health.liveness.beat("poll loop")
-                message = self._consumer.poll(0.1)
-                if message is not None and message.error() is not None:
-                    log.warning("consumer error while stopping: %s", message.error())
+                for consumer in self._consumers.values():
+                    message = consumer.poll(0.05)
+                    if message is not None and message.error() is not None:
+                        log.warning("consumer error while stopping: %s", message.error())
         try:
             released = drained.result()
         finally:
             # What finished is committable even if the drain failed part of the way.
             self._store_finished()
-            _commit(self._consumer)
-            self._consumer.close()
+            for consumer in self._consumers.values():
+                _commit(consumer)
+                consumer.close()
             self._book.close()
         log.info("stopped; %d queued request(s) released to the next owner", len(released))
 

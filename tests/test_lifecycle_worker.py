@@ -228,15 +228,27 @@ def test_progress_never_goes_back() -> None:
 
 
 class FakeConsumer:
-    """The calls the fetch gate makes: an assignment, pauses, positions and watermarks."""
+    """The calls the fetch gate makes: an assignment, pauses, positions and watermarks. The
+    worker has a consumer per topic: `of(topic)` is the one of `topic`, sharing this state."""
 
-    def __init__(self, positions: dict[tuple[str, int], int], highs: dict[tuple[str, int], int]):
+    def __init__(
+        self,
+        positions: dict[tuple[str, int], int],
+        highs: dict[tuple[str, int], int],
+        topic: str | None = None,
+    ):
         self.positions = positions
         self.highs = highs
+        self.topic = topic
         self.paused: set[tuple[str, int]] = set()
 
+    def of(self, topic: str) -> FakeConsumer:
+        view = FakeConsumer(self.positions, self.highs, topic)
+        view.paused = self.paused
+        return view
+
     def assignment(self) -> list[TopicPartition]:
-        return [TopicPartition(topic, p) for topic, p in self.positions]
+        return [TopicPartition(t, p) for t, p in self.positions if self.topic in (None, t)]
 
     def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
         return [
@@ -252,7 +264,7 @@ class FakeConsumer:
         self.paused |= {(tp.topic, tp.partition) for tp in partitions}
 
     def resume(self, partitions: list[TopicPartition]) -> None:
-        self.paused -= {(tp.topic, tp.partition) for tp in partitions}
+        self.paused.difference_update({(tp.topic, tp.partition) for tp in partitions})
 
     def paused_topics(self) -> set[str]:
         return {topic for topic, _ in self.paused}
@@ -260,7 +272,7 @@ class FakeConsumer:
 
 def gate_for(consumer: FakeConsumer, queued: list[int]) -> FetchGate:
     return FetchGate(
-        consumer,  # type: ignore[arg-type]
+        {topic: consumer.of(topic) for topic in (RENDER, RENDER_BATCH)},  # type: ignore[misc]
         max_in_flight=32,
         batch_cap=8,
         interactive_queued=lambda: queued[0],
@@ -322,6 +334,14 @@ def test_a_partition_added_while_its_topic_is_paused_is_paused_too() -> None:
     assert consumer.paused == {(topic, p) for topic in (RENDER, RENDER_BATCH) for p in (0, 1)}
     gate.update(in_flight=16, batch_in_flight=0)
     assert consumer.paused == set()  # and all of them are resumed together
+    # librdkafka keeps a partition's pause across its revocation: one that comes back still
+    # paused is resumed, as its topic is.
+    returning = TopicPartition(RENDER, 2)
+    consumer.positions[RENDER, 2] = 0
+    consumer.highs[RENDER, 2] = 0
+    consumer.paused.add((RENDER, 2))
+    gate.assigned([returning])
+    assert consumer.paused == set()
 
 
 def test_a_partition_that_handed_nothing_over_counts_no_backlog() -> None:

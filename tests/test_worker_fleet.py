@@ -1,6 +1,6 @@
 """Several render workers in one group: a worker joining or leaving moves only the partitions
-that must move (cooperative-sticky assignment), and a render longer than the poll interval
-costs no worker its membership."""
+that must move (cooperative-sticky assignment), each topic stays shared out evenly, and a
+render longer than the poll interval costs no worker its membership."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from imagegen.consumers.storage import object_key
 from imagegen.infra.settings import Settings
 from imagegen.schemas import GenerationRequest, Status
+from imagegen.schemas.topics import RENDER
 from tests import test_worker
 from tests.helpers import results_for, s3_client
 from tests.test_worker import small_requests, submit, wait_for_line
@@ -36,6 +37,10 @@ def held(log: Path) -> set[str]:
     for kind, names in moves(log):
         partitions = partitions | names if kind == "assigned" else partitions - names
     return partitions
+
+
+def interactive(partitions: set[str]) -> set[str]:
+    return {name for name in partitions if name.startswith(f"{RENDER}[")}
 
 
 def test_workers_joining_and_leaving_move_only_the_partitions_that_must_move(
@@ -76,6 +81,8 @@ def test_workers_joining_and_leaving_move_only_the_partitions_that_must_move(
     holdings = [held(worker.log) for worker in workers]
     assert set().union(*holdings) == everything
     assert sum(len(h) for h in holdings) == len(everything), holdings
+    # Each topic is shared out evenly: every worker has its third of the interactive work.
+    assert [len(interactive(h)) for h in holdings] == [2, 2, 2], holdings
 
     # The third leaves: its partitions go to the others, who keep what they hold.
     kept = [held(first.log), held(second.log)]
@@ -85,6 +92,7 @@ def test_workers_joining_and_leaving_move_only_the_partitions_that_must_move(
     found |= results_for(isolated_stack, {r.request_id for r in leftover}, timeout_s=120)
     for worker, before in zip((first, second), kept, strict=True):
         assert before <= held(worker.log), moves(worker.log)
+        assert len(interactive(held(worker.log))) == 3
     assert held(first.log) | held(second.log) == everything
 
     versions = s3.list_object_versions(Bucket=isolated_stack.s3_bucket).get("Versions", [])
