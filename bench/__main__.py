@@ -1,5 +1,5 @@
 """`python -m bench` (`make bench`): the start-up, intake, render, end-to-end, overload,
-gateway and scale benchmarks in turn.
+gateway, scale and fleet benchmarks in turn.
 
 Writes every figure, the targets and whether each is met, the date, the commit and the
 machine to `bench/results.json`, and generates `docs/benchmarks.md` from the same data.
@@ -29,12 +29,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import e2e, gateway, intake, machine, overload, render, report, scale, startup
+from bench import e2e, fleet, gateway, intake, machine, overload, render, report, scale, startup
 from bench.command import exit_on_sigterm
 from imagegen.consumers.devices import resolve_device
 from imagegen.schemas.errors import ConfigError
 
-BENCHMARKS = ("startup", "intake", "render", "e2e", "overload", "gateway", "scale")
+BENCHMARKS = ("startup", "intake", "render", "e2e", "overload", "gateway", "scale", "fleet")
 INTAKE_REQUESTS = 20_000
 INTAKE_REQUESTS_QUICK = 5_000
 
@@ -138,6 +138,13 @@ def targets(mode: Mode) -> list[Target]:
             0.9,
             "throughput of N workers / (N x one worker), N up to the partition count",
         ),
+        Target(
+            "fleet",
+            "requests_lost",
+            False,
+            0,
+            "requests without a success, through a rolling restart of 3 processors and 3 workers",
+        ),
     ]
 
 
@@ -181,6 +188,10 @@ def run_scale(mode: Mode, scratch: Path) -> dict[str, object]:
     return scale.run(scale.QUICK if mode.quick else scale.DEFAULT, scratch)
 
 
+def run_fleet(mode: Mode, scratch: Path) -> dict[str, object]:
+    return fleet.run(fleet.QUICK if mode.quick else fleet.DEFAULT, scratch)
+
+
 RUNNERS: dict[str, Callable[[Mode, Path], dict[str, object]]] = {
     "startup": run_startup,
     "intake": run_intake,
@@ -189,6 +200,7 @@ RUNNERS: dict[str, Callable[[Mode, Path], dict[str, object]]] = {
     "overload": run_overload,
     "gateway": run_gateway,
     "scale": run_scale,
+    "fleet": run_fleet,
 }
 
 

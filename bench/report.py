@@ -115,15 +115,27 @@ because they happened before it opened do not count; the figure checked is over 
 
 SCALE = """\
 N render workers, for N in 1, 2, 3 and 6 (the partition count of `imagegen.render`) and, in a
-full run, 8 beyond it, each run on a private stack of its own. The model is the built-in `fixed:200ms`:
-every batch (up to 4 requests) takes 200 ms asleep and draws a test pattern, so the workers
-do not compete for the host's cores and the figure is of the pipeline around the model (the
-broker, the object store, commits, the group). Each worker has a metrics port and the run
-waits for every `/readyz`; then a warm-up, then a backlog of 200 requests per busy worker (40
-in a quick run), spread evenly over the partitions, put on `imagegen.render` at once. Throughput is the
-results after the first per second, first to last; *vs linear* is throughput over N x the
-one-worker throughput (target at least 0.9 up to the partition count). Workers beyond the
-partition count hold no partition: *busy* counts the workers that rendered anything."""
+full run, 8 beyond it, each run on a private stack of its own. The model is the built-in
+`fixed:200ms`: every batch (up to 4 requests) takes 200 ms asleep and draws a test pattern, so
+the workers do not compete for the host's cores and the figure is of the pipeline around the
+model (the broker, the object store, commits, the group). Each worker has a metrics port and
+the run waits for every `/readyz`; then a warm-up, then a backlog of 200 requests per busy
+worker (40 in a quick run), spread evenly over the partitions, put on `imagegen.render` at
+once. Throughput is the results after the first per second, first to last; *vs linear* is
+throughput over N x the one-worker throughput (target at least 0.9 up to the partition count).
+Workers beyond the partition count hold no partition: *busy* counts the workers that rendered
+anything."""
+
+FLEET = """\
+Three `imagegen processor` and three `imagegen worker` children on a private stack, rate
+limits that admit everything, the workers serving `fixed:200ms` (every batch of up to 4 takes
+200 ms asleep). Requests from 60 users go through the processors at 20 a second, a third of
+the workers' capacity, each at its slot by the clock: first for a steady 20 s, then on while
+every instance in turn gets SIGTERM and a new process takes its place, each ready (`/readyz`)
+before the next restart. Every request must end `succeeded`; *lost* counts those that do not
+(target 0). Latency runs from the request's `submitted_at` to its result's `completed_at`,
+for requests submitted before the restarts and during them; *rendered more than once* counts
+requests whose in-flight render a restart handed to the partition's next owner."""
 
 #: The gateway benchmark's event kinds, as its event-lag table names them.
 LAG_KINDS = {
@@ -142,7 +154,7 @@ BREAKDOWN = {
 
 RUNNING = """\
 ```sh
-make bench                            # all seven; bench/results.json and docs/benchmarks.md
+make bench                            # all eight; bench/results.json and docs/benchmarks.md
 BENCH_QUICK=1 make bench              # short runs: a few minutes in all
 make bench ARGS=--gpu                 # render: sd15-random, 512x512, 25 steps on CUDA
 make bench ARGS="--gpu --only render" # that alone, on a GPU machine (or BENCH_GPU=1)
@@ -153,6 +165,7 @@ python -m bench.e2e [--quick] [--rate 20] [--duration 60]
 python -m bench.overload [--quick] [--load 3] [--duration 30]
 python -m bench.gateway [--quick] [--rate 20] [--duration 20] [--event-jobs 8]
 python -m bench.scale [--quick] [--cost-ms 200]
+python -m bench.fleet [--quick] [--rate 20]
 ```
 
 Every benchmark starts a private embedded stack (Tansu and moto's S3 server, on free ports)
@@ -200,6 +213,7 @@ def markdown(results: dict[str, Any], results_path: Path) -> str:
         "overload": _overload,
         "gateway": _gateway,
         "scale": _scale,
+        "fleet": _fleet,
     }
     titles = {
         "startup": "Start-up",
@@ -209,6 +223,7 @@ def markdown(results: dict[str, Any], results_path: Path) -> str:
         "overload": "Overload",
         "gateway": "Gateway",
         "scale": "Scale",
+        "fleet": "Fleet",
     }
     texts = {
         "startup": STARTUP,
@@ -218,6 +233,7 @@ def markdown(results: dict[str, Any], results_path: Path) -> str:
         "overload": OVERLOAD,
         "gateway": GATEWAY,
         "scale": SCALE,
+        "fleet": FLEET,
     }
     for name, run in runs.items():
         lines += [f"## {titles[name]}", "", texts[name], "", _run_line(run), ""]
@@ -499,6 +515,25 @@ def _scale(figures: dict[str, Any]) -> list[str]:
             for r in figures["runs"]
         ],
     )
+
+
+def _fleet(figures: dict[str, Any]) -> list[str]:
+    phases = (
+        ("before the restarts", figures["latency_ms_steady"]),
+        ("during the restarts", figures["latency_ms_during_restarts"]),
+    )
+    return [
+        f"- published {figures['published']}, answered {figures['answered']}, "
+        f"**lost {figures['requests_lost']}**, rendered more than once "
+        f"{figures['rendered_more_than_once']}",
+        "- restarts, SIGTERM to ready (s): "
+        + ", ".join(f"{name} {seconds:g}" for name, seconds in figures["restart_s"].items()),
+        "",
+        *_table(
+            ("latency (ms)", "p50", "p95", "p99", "max"),
+            [(name, *_spread(values)) for name, values in phases],
+        ),
+    ]
 
 
 def _cpu_threads(options: dict[str, Any]) -> str:
