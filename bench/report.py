@@ -124,7 +124,10 @@ worker (40 in a quick run), spread evenly over the partitions, put on `imagegen.
 once. Throughput is the results after the first per second, first to last; *vs linear* is
 throughput over N x the one-worker throughput (target at least 0.9 up to the partition count).
 Workers beyond the partition count hold no partition: *busy* counts the workers that rendered
-anything."""
+anything. Read the per-worker rate beside the ratio: one worker alone does all the encoding,
+uploading and publishing of its results under one interpreter lock, and on a small host the
+processes together share its cores with the broker and the store, so the one-worker baseline
+can sit below what each of two or three workers manages."""
 
 FLEET = """\
 Three `imagegen processor` and three `imagegen worker` children on a private stack, rate
