@@ -28,6 +28,7 @@ Run: `python -m bench.fleet [--quick]`. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import itertools
 import subprocess
 import threading
 import time
@@ -123,7 +124,7 @@ class Load:
 
     def _run(self) -> None:
         start = time.perf_counter()
-        for i in range(1_000_000):
+        for i in itertools.count():
             slot = start + i / self._options.rate_per_s
             if self._stopping.wait(max(0.0, slot - time.perf_counter())):
                 return

@@ -85,12 +85,10 @@ class FetchGate:
         pause them if the gate holds the topic paused, and resume them otherwise, since
         librdkafka keeps a partition paused across its revocation and return. Cooperative
         rebalances add to an assignment and leave the rest of it as it was."""
-        for tp in partitions:
-            consumer = self._consumers[tp.topic]
-            if tp.topic in self._paused:
-                consumer.pause([tp])
-            else:
-                consumer.resume([tp])
+        for topic, consumer in self._consumers.items():
+            added = [tp for tp in partitions if tp.topic == topic]
+            if added:
+                (consumer.pause if topic in self._paused else consumer.resume)(added)
 
     def poll_limit(self, in_flight: int, batch_in_flight: int) -> int:
         """How many records the next poll may take."""
