@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from confluent_kafka import KafkaError
 
-from imagegen.schemas.topics import DLQ, RENDER, RESULTS, WORKER_GROUP
+from imagegen.schemas.topics import (
+    BATCH_WORKER_GROUP,
+    DLQ,
+    RENDER,
+    RENDER_BATCH,
+    RESULTS,
+    WORKER_GROUP,
+)
 
 _AUTHORIZATION = frozenset(
     {
@@ -36,10 +43,10 @@ def what_to_fix(error: KafkaError) -> str:
     code = error.code()
     if code in _AUTHORIZATION:
         advice = (
-            f"The broker refused the worker's principal: grant it Read on topic {RENDER} and "
-            f"on group {WORKER_GROUP}, Write on {RESULTS} and {DLQ}, and Describe on all "
-            "three (check the ACLs), or set IMAGEGEN_KAFKA_SASL_USERNAME to a principal "
-            "that has them"
+            f"The broker refused the worker's principal: grant it Read on topics {RENDER} "
+            f"and {RENDER_BATCH} and on groups {WORKER_GROUP} and {BATCH_WORKER_GROUP}, "
+            f"Write on {RESULTS} and {DLQ}, and Describe on all four topics (check the "
+            "ACLs), or set IMAGEGEN_KAFKA_SASL_USERNAME to a principal that has them"
         )
     elif code in _AUTHENTICATION:
         advice = (

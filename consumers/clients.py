@@ -15,17 +15,14 @@ from confluent_kafka.admin import AdminClient
 from imagegen.infra.kafka import check_broker, make_admin, make_consumer, make_producer
 from imagegen.infra.object_store import ObjectStore
 from imagegen.infra.settings import Settings
-from imagegen.schemas.topics import RENDER, RENDER_BATCH, WORKER_GROUP
+from imagegen.schemas.topics import RENDER, RENDER_BATCH, WORKER_GROUPS
 
 
 @dataclass(frozen=True)
 class WorkerClients:
     # One consumer per topic, imagegen.render and imagegen.render.batch, each a member of
-    # the worker group, not yet subscribed. Assignment is cooperative-sticky, which
-    # balances a group's partitions in all and not topic by topic: one member subscribed
-    # to both topics could end up with every interactive partition while another holds
-    # only batch ones (measured: a second worker joining took all six of imagegen.render).
-    # A member per topic has each topic shared out evenly among the workers.
+    # the topic's worker group (`schemas.topics.WORKER_GROUPS` says why), not yet
+    # subscribed.
     consumers: Mapping[str, Consumer]
     producer: Producer
     admin: AdminClient
@@ -39,14 +36,16 @@ def make_worker_clients(settings: Settings) -> WorkerClients:
         admin=make_admin(settings),
         store=ObjectStore(settings),
         producer=make_producer(settings),
-        consumers={topic: _consumer(settings) for topic in (RENDER, RENDER_BATCH)},
+        consumers={
+            topic: _consumer(settings, WORKER_GROUPS[topic]) for topic in (RENDER, RENDER_BATCH)
+        },
     )
 
 
-def _consumer(settings: Settings) -> Consumer:
+def _consumer(settings: Settings, group: str) -> Consumer:
     return make_consumer(
         settings,
-        WORKER_GROUP,
+        group,
         # The poll loop never blocks on work, so a short interval costs nothing, and
         # some brokers (Tansu) hold a group's first join for half of it.
         **{

@@ -39,7 +39,7 @@ from imagegen.schemas import (
 )
 from imagegen.schemas.fields import utc_now
 from imagegen.schemas.results import task_fields
-from imagegen.schemas.topics import DLQ, RESULTS, WORKER_GROUP
+from imagegen.schemas.topics import DLQ, RESULTS, WORKER_GROUPS
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class Outcomes:
             value=message.value(),
             headers=consumed_headers(message),
             attempts=attempts,
-            group=WORKER_GROUP,
+            group=WORKER_GROUPS[where.topic],
         )
         if not fits(letter):
             # An exception here leaves the offset unfinished: the record is read again.

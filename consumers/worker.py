@@ -60,6 +60,7 @@ import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -86,7 +87,7 @@ from imagegen.infra.topics import ensure_topics
 from imagegen.infra.tracing import start_span
 from imagegen.schemas import GenerationRequest, decode
 from imagegen.schemas.errors import WorkerCrashed
-from imagegen.schemas.topics import RENDER, RENDER_BATCH
+from imagegen.schemas.topics import RENDER, RENDER_BATCH, WORKER_GROUPS
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,8 @@ class RenderWorker:
     ) -> None:
         """`renderers` maps the model names that requests use to what renders them;
         `clients` are built from `settings` unless given; `health` is what the metrics port
-        serves: the poll loop beats on it, and the first assignment meets its "group"
-        condition."""
+        serves: the poll loop beats on it, and each consumer's first assignment meets the
+        condition of its group."""
         self.settings = settings
         self._health = health or Health()
         self.options = options or WorkerOptions()
@@ -174,7 +175,8 @@ class RenderWorker:
         for topic, consumer in self._consumers.items():
             consumer.subscribe(
                 [topic],
-                on_assign=self._on_assign,
+                # Told its group: an empty assignment names no topic.
+                on_assign=partial(self._on_assign, WORKER_GROUPS[topic]),
                 on_revoke=self._on_revoke,
                 on_lost=self._on_lost,
             )
@@ -292,12 +294,12 @@ class RenderWorker:
     # only the partitions that move and then adds theirs to their new owner, so every other
     # partition goes on being fetched and rendered throughout.
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, group: str, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Add `partitions` to what this worker holds, in a new epoch."""
         consumer.incremental_assign(partitions)
         # Called at every rebalance, with no partitions too: a worker beyond the partition
         # count is in its group, idle, and ready to take over.
-        self._health.readiness.holds("group")
+        self._health.readiness.joined(group)
         for tp in partitions:
             self._epochs[(tp.topic, tp.partition)] = self._next_epoch
         self._next_epoch += 1

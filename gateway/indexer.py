@@ -235,9 +235,11 @@ class JobIndexer:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._joined.set()
         log.info("indexing %s", _names(partitions))
-        if self._paused:  # assigned while retrying: nothing is fetched until the retry
-            consumer.assign(partitions)
-            consumer.pause(partitions)
+        consumer.assign(partitions)
+        # Assigned while retrying: nothing is fetched until the retry. Otherwise resumed,
+        # since librdkafka keeps a partition paused across its revocation and return: one
+        # revoked during an earlier retry would never be read again here.
+        (consumer.pause if self._paused else consumer.resume)(partitions)
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Each batch is committed once written, so there is nothing to commit here.

@@ -78,8 +78,13 @@ class Readiness:
             self._waiting[condition] = why
 
     def joining(self, group: str) -> None:
-        """The "group" condition, until the process's consumer is first assigned."""
-        self.wait_for("group", f"not yet assigned partitions in {group}")
+        """The condition "group <group>", until `joined(group)`."""
+        self.wait_for(f"group {group}", "not yet assigned partitions")
+
+    def joined(self, group: str) -> None:
+        """The process's member of `group` was assigned partitions (or none, being one
+        more member than the partitions)."""
+        self.holds(f"group {group}")
 
     def holds(self, condition: str) -> None:
         with self._lock:

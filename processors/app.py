@@ -158,7 +158,7 @@ class IntakeProcessor:
         self.health.liveness.beat("event loop")
 
     async def _rebalanced(self, *_: object, **__: object) -> None:
-        self.health.readiness.holds("group")
+        self.health.readiness.joined(PROCESSOR_GROUP)
 
     async def _consume(self, stream: StreamT) -> None:
         # Records are handled in batches so that their sends travel together: waiting for

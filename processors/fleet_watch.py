@@ -4,8 +4,8 @@
   `started` event. Arrival times on this machine's clock, not the events' own: the workers'
   clocks may disagree with ours, and a reader that does nothing else times arrivals within
   one fetch wait.
-- `fleet-backlog` reads, every `refresh_s`, the worker group's lag on the two render queues
-  (end offsets minus committed offsets, `group_lag`: its consumer never joins the group)
+- `fleet-backlog` reads, every `refresh_s`, the lag of each render queue's worker group
+  (end offsets minus committed offsets, `group_lag`: its consumers never join the groups)
   and hands it to the load with the start rate.
 
 A failed read is logged and retried at the next refresh; the load stops estimating once
@@ -27,7 +27,7 @@ from imagegen.processors.load import FleetLoad, StartRate
 from imagegen.schemas import JobEvent, decode
 from imagegen.schemas.errors import BrokerUnavailable, InvalidMessage
 from imagegen.schemas.events import EventType
-from imagegen.schemas.topics import EVENTS, RENDER, RENDER_BATCH, WORKER_GROUP
+from imagegen.schemas.topics import EVENTS, RENDER, RENDER_BATCH, WORKER_GROUPS
 
 log = logging.getLogger(__name__)
 
@@ -96,24 +96,30 @@ class FleetWatch:
             consumer.close()
 
     def _read_backlog(self) -> None:
-        consumer = make_consumer(self._settings, WORKER_GROUP, **{"enable.auto.commit": False})
+        consumers = {
+            topic: make_consumer(self._settings, group, **{"enable.auto.commit": False})
+            for topic, group in WORKER_GROUPS.items()
+        }
         ends = EndOffsets(self._settings)
         try:
             while not self._stopping.is_set():
                 mark = self._load.mark()
                 try:
-                    lags = group_lag(consumer, ends, [RENDER, RENDER_BATCH])
+                    interactive, batch = (
+                        sum(group_lag(consumers[topic], ends, [topic]).values())
+                        for topic in (RENDER, RENDER_BATCH)
+                    )
                 except (KafkaException, BrokerUnavailable) as exc:
                     log.warning("the fleet's backlog was not refreshed: %s", exc)
                 else:
                     per_s = self._starts.per_s()
                     FLEET_START_RATE.set(per_s or 0.0)
-                    interactive, batch = _total(lags, RENDER), _total(lags, RENDER_BATCH)
                     self._load.observe(mark, interactive, batch, per_s)
                 self._stopping.wait(self._load.refresh_s)
         finally:
             ends.close()
-            consumer.close()
+            for consumer in consumers.values():
+                consumer.close()
 
 
 def _is_start(message: Message) -> bool:
@@ -124,7 +130,3 @@ def _is_start(message: Message) -> bool:
         return decode(JobEvent, value).type is EventType.STARTED
     except InvalidMessage:
         return False  # a bad event is the watchers' loss, not ours
-
-
-def _total(lags: dict[tuple[str, int], int], topic: str) -> int:
-    return sum(lag for (name, _), lag in lags.items() if name == topic)

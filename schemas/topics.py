@@ -28,8 +28,14 @@ WEBHOOK_RETRIES = tuple(f"imagegen.webhooks.retry.{tier}" for tier in range(1, 5
 
 #: The faust app id of the processor; it reads `REQUESTS`.
 PROCESSOR_GROUP = "imagegen-processor"
-#: The render workers' group; it reads `RENDER` and `RENDER_BATCH`.
-WORKER_GROUP = "imagegen-workers"
+#: The render workers' groups, one per render topic: every worker is a member of both.
+#: One group for both topics would balance the sum of a worker's partitions, not each
+#: topic's (measured: a second worker took every `RENDER` partition and left the first only
+#: `RENDER_BATCH` ones); and two members of one process in one group can keep failing each
+#: other's join on Tansu (measured: no assignment in 90 s on a busy 2-core host).
+WORKER_GROUP = "imagegen-workers"  # reads RENDER
+BATCH_WORKER_GROUP = "imagegen-workers-batch"  # reads RENDER_BATCH
+WORKER_GROUPS = {RENDER: WORKER_GROUP, RENDER_BATCH: BATCH_WORKER_GROUP}
 #: The gateways' group that indexes results into the job store; it reads `RESULTS`.
 JOB_INDEX_GROUP = "imagegen-job-index"
 #: The webhook deliverers' group; it reads `EVENTS` and `WEBHOOK_RETRIES`.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from imagegen.infra.embedded import EMBEDDED_FETCH_WAIT_MS, EmbeddedStack
 from imagegen.infra.provision import provision
 from imagegen.infra.settings import Settings, as_environment, load_settings
 from tests.helpers import free_port
+from tests.processes import log_tails
 
 # Tansu holds a group's first join for half the session timeout: keep it short in tests.
 TEST_SESSION_TIMEOUT_MS = 2000
@@ -44,6 +45,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test's report ends with the logs of the services that ran during it."""
+    report = yield
+    if report.failed and call.when in ("setup", "call"):
+        report.sections.extend(log_tails(since=call.start))
+    return report
 
 
 @pytest.fixture

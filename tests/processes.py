@@ -5,9 +5,16 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 STOP_WAIT_S = 240
+#: How much of a service's log a failed test's report shows.
+LOG_TAIL_CHARS = 4000
+
+#: Every service started in this session: a failed test's report shows the logs of those
+#: that ran during it (`log_tails`), since CI keeps nothing but the report.
+_STARTED: list[Service] = []
 
 
 class Service:
@@ -23,8 +30,11 @@ class Service:
         self.log = log
         self.launcher = launcher
         self.process: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
 
     def start(self) -> None:
+        self.started_at = time.time()
+        _STARTED.append(self)
         with self.log.open("ab") as out:
             program = [str(self.launcher)] if self.launcher else ["-m", "imagegen"]
             self.process = subprocess.Popen(
@@ -52,3 +62,21 @@ class Service:
     def assert_running(self) -> None:
         assert self.process is not None
         assert self.process.poll() is None, self.log.read_text()[-3000:]
+
+
+def log_tails(since: float) -> list[tuple[str, str]]:
+    """(title, tail) of the log of each service still running, or started at `since` or
+    later (epoch seconds)."""
+    ran = [
+        service
+        for service in _STARTED
+        if service.started_at >= since or (service.process and service.process.poll() is None)
+    ]
+    return [
+        (f"log of imagegen {' '.join(service.args)} ({service.log.name})", _tail(service.log))
+        for service in ran
+    ]
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-LOG_TAIL_CHARS:] if log.exists() else "(no log)"

@@ -33,38 +33,44 @@ def test_the_receiver_gets_the_job_as_the_api_shows_it(
     secret = _secret(settings, user)
     deliverer = Service(["webhooks"], settings_env(settings), tmp_path / "webhooks.log")
     deliverer.start()
-    with (
-        Receiver() as receiver,
-        test_gateway.client(gateway_process.url, api_key(settings, user)) as http,
-    ):
-        assert test_gateway._eventually(lambda: http.get("/v1/images/jobs").status_code == 200)
-        submitted = http.post(
-            "/v1/images/generations",
-            json={
-                "prompt": "a lighthouse",
-                "width": 64,
-                "height": 64,
-                "steps": 3,
-                "webhook_url": receiver.url,
-                "webhook_events": ["status", "progress", "completed"],
-            },
-        )
-        assert submitted.status_code == 202, submitted.text
-        job_id = submitted.json()["id"]
+    try:
+        with (
+            Receiver() as receiver,
+            test_gateway.client(gateway_process.url, api_key(settings, user)) as http,
+        ):
+            assert test_gateway._eventually(lambda: http.get("/v1/images/jobs").status_code == 200)
+            submitted = http.post(
+                "/v1/images/generations",
+                json={
+                    "prompt": "a lighthouse",
+                    "width": 64,
+                    "height": 64,
+                    "steps": 3,
+                    "webhook_url": receiver.url,
+                    "webhook_events": ["status", "progress", "completed"],
+                },
+            )
+            assert submitted.status_code == 202, submitted.text
+            job_id = submitted.json()["id"]
 
-        def ended(deliveries: list[Received]) -> list[dict]:
-            jobs = [verify(d.body, d.headers, secret) for d in deliveries]
-            return [job for job in jobs if job["status"] not in ("queued", "running")]
+            def ended(deliveries: list[Received]) -> list[dict]:
+                jobs = [verify(d.body, d.headers, secret) for d in deliveries]
+                return [job for job in jobs if job["status"] not in ("queued", "running")]
 
-        (delivered,) = ended(receiver.wait_until(lambda got: bool(ended(got)), timeout_s=240))
-        shown = http.get(f"/v1/images/jobs/{job_id}").json()
+            (delivered,) = ended(receiver.wait_until(lambda got: bool(ended(got)), timeout_s=240))
+            shown = http.get(f"/v1/images/jobs/{job_id}").json()
 
-        # The processor's own answers are told too: this one costs more than any burst.
-        too_big = {"prompt": "a city", "width": 2048, "height": 2048, "steps": 100}
-        refused = http.post("/v1/images/generations", json={**too_big, "webhook_url": receiver.url})
-        assert refused.status_code == 422, refused.text
-        rejected = ended(receiver.wait_until(lambda got: len(ended(got)) == 2))[1]
-    assert deliverer.stop() == 0, deliverer.log.read_text()[-3000:]
+            # The processor's own answers are told too: this one costs more than any burst.
+            too_big = {"prompt": "a city", "width": 2048, "height": 2048, "steps": 100}
+            refused = http.post(
+                "/v1/images/generations", json={**too_big, "webhook_url": receiver.url}
+            )
+            assert refused.status_code == 422, refused.text
+            rejected = ended(receiver.wait_until(lambda got: len(ended(got)) == 2))[1]
+    finally:
+        # Also after a failure: a deliverer left in the group would take later tests' records.
+        stopped = deliverer.stop()
+    assert stopped == 0, deliverer.log.read_text()[-3000:]
     assert delivered["status"] == "succeeded"
     assert rejected["status"] == "rejected" and rejected["id"] == refused.json()["job_id"]
     assert rejected["error"]["reason"] == "exceeds_burst"

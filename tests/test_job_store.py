@@ -403,3 +403,40 @@ def test_the_partitions_of_a_stopped_indexer_move_to_the_other(
         finally:
             leaving.close()
         all_indexed(publish_to_every_partition())
+
+
+def test_partitions_that_moved_away_during_an_outage_are_read_when_they_come_back(
+    isolated_stack: Settings, committed: Callable[[int], int]
+) -> None:
+    """The indexer pauses its partitions while it retries a failing store, and librdkafka
+    keeps a partition paused across its revocation and return: those that another gateway
+    took meanwhile must be read again once they come back."""
+    host, port = isolated_stack.s3_endpoint.rsplit(":", 1)
+    proxy = Proxy(host, int(port))
+    through_proxy = JobStore(
+        ObjectStore(isolated_stack.model_copy(update={"s3_endpoint": proxy.address}), 2)
+    )
+    direct = JobStore(ObjectStore(isolated_stack))
+    partitions = range(6)  # imagegen.results has 6
+    try:
+        with JobIndexer(isolated_stack, through_proxy) as staying:
+            _eventually(staying.healthy, "the indexer joined its group")
+            proxy.cut()
+            _publish(isolated_stack, [_result_record(p, _failed(_request())) for p in partitions])
+            _eventually(lambda: not staying.healthy(), "the indexer reports the failing store")
+            with JobIndexer(isolated_stack, direct) as passing:
+                _eventually(passing.healthy, "a second indexer joined, taking partitions")
+                proxy.restore()
+                _eventually(staying.healthy, "the first indexer healthy again")
+            # Every partition is the first indexer's again.
+            requests = [_request() for _ in partitions]
+            ends = _publish(
+                isolated_stack,
+                [_result_record(p, _failed(r)) for p, r in zip(partitions, requests, strict=True)],
+            )
+            for partition, end in zip(partitions, ends, strict=True):
+                _eventually(_indexed_past(committed, partition, end), f"partition {partition}")
+    finally:
+        proxy.close()
+    for request in requests:
+        assert _result_or_fail(direct, request).status is Status.FAILED

@@ -28,7 +28,7 @@ from imagegen.infra.settings import Settings, load_settings
 from imagegen.producers import RequestPublisher
 from imagegen.schemas import GenerationRequest, GenerationResult, Status, decode, encode
 from imagegen.schemas.errors import ConfigError, InvalidMessage
-from imagegen.schemas.topics import DLQ, RENDER, REQUESTS, RESULTS, WORKER_GROUP
+from imagegen.schemas.topics import DLQ, RENDER, REQUESTS, RESULTS, WORKER_GROUPS
 from tests.conftest import settings_env
 from tests.helpers import free_port, read_topic
 from tests.processes import Service
@@ -360,7 +360,7 @@ def test_a_traced_request_is_measured_and_logged_from_client_to_result(
     assert metrics[("imagegen_encode_seconds_count", ())] == 3
     assert metrics[("imagegen_upload_seconds_count", ())] == 3
     lags = {labels: v for (name, labels), v in metrics.items() if name == "imagegen_consumer_lag"}
-    assert {dict(labels)["group"] for labels in lags} == {WORKER_GROUP}
+    assert {dict(labels)["group"] for labels in lags} == set(WORKER_GROUPS.values())
     assert all(0 <= lag <= 4 for lag in lags.values())
     assert not any(name.startswith("imagegen_gpu_") for name, _ in metrics)  # no CUDA here
 

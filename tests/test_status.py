@@ -70,7 +70,7 @@ def test_status_shows_topics_groups_lag_and_the_dlq(isolated_stack: Settings) ->
     # The workers handled 3 of partition 0 and all of partition 1, and never committed on 2;
     # of the batch queue, they handled 1 record of partition 4 and committed nothing else.
     commit_as(isolated_stack, "imagegen-workers", RENDER, {0: 3, 1: 3})
-    commit_as(isolated_stack, "imagegen-workers", RENDER_BATCH, {4: 1})
+    commit_as(isolated_stack, "imagegen-workers-batch", RENDER_BATCH, {4: 1})
     commit_as(isolated_stack, "test-status-other", REQUESTS, {0: 1})
     # A real metrics server for the processor's port, and nothing on the worker's.
     metrics_port, nothing_port = free_port(), free_port()
@@ -107,8 +107,12 @@ def test_status_shows_topics_groups_lag_and_the_dlq(isolated_stack: Settings) ->
     assert report["dlq_records"] == 0
 
     groups = {group["group"]: group for group in report["groups"]}
-    workers = groups["imagegen-workers"]
-    lag = {(p["topic"], p["partition"]): (p["committed"], p["lag"]) for p in workers["partitions"]}
+    workers, batch_workers = groups["imagegen-workers"], groups["imagegen-workers-batch"]
+    lag = {
+        (p["topic"], p["partition"]): (p["committed"], p["lag"])
+        for group in (workers, batch_workers)
+        for p in group["partitions"]
+    }
     assert {p: lag[RENDER, p] for p in range(6)} == {
         0: (3, 2),
         1: (3, 0),
@@ -127,7 +131,7 @@ def test_status_shows_topics_groups_lag_and_the_dlq(isolated_stack: Settings) ->
         5: (None, 0),
     }
     assert len(lag) == 12
-    assert workers["total_lag"] == 6 + 8
+    assert (workers["total_lag"], batch_workers["total_lag"]) == (6, 8)
     # A pipeline group that never committed is still shown, owing its topic's backlog.
     assert groups["imagegen-processor"]["total_lag"] == 2
     other = groups["test-status-other"]

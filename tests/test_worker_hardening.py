@@ -252,7 +252,7 @@ def test_errors_that_waiting_fixes_are_ridden_out(code: int) -> None:
 def test_the_message_says_what_to_fix() -> None:
     refused = what_to_fix(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED, "Broker: denied"))
     assert refused.startswith("GROUP_AUTHORIZATION_FAILED: Broker: denied.")
-    assert "Read on topic imagegen.render and on group imagegen-workers" in refused
+    assert "on groups imagegen-workers and imagegen-workers-batch" in refused
     assert "check the ACLs" in refused and "IMAGEGEN_KAFKA_SASL_USERNAME" in refused
     credentials = what_to_fix(KafkaError(KafkaError._AUTHENTICATION))
     assert "IMAGEGEN_KAFKA_SASL_PASSWORD" in credentials

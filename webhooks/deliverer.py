@@ -92,7 +92,7 @@ class WebhookDeliverer:
         health: Health | None = None,
     ) -> None:
         """`health` is what the metrics port serves: the polling loop beats on it, and the
-        first assignment meets its "group" condition."""
+        first assignment meets its group condition."""
         self._settings = settings
         self._health = health or Health()
         # The loop waits for a free slot at most as long as one attempt may take.
@@ -309,7 +309,7 @@ class WebhookDeliverer:
     # ---- rebalances -------------------------------------------------------------------
 
     def _assigned(self, _: Consumer, partitions: list[TopicPartition]) -> None:
-        self._health.readiness.holds("group")
+        self._health.readiness.joined(WEBHOOK_GROUP)
 
     def _revoked(self, _: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = [(tp.topic, tp.partition) for tp in partitions]

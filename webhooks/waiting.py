@@ -44,9 +44,14 @@ class DueGate:
                 del self._waiting[where]
 
     def forget(self, revoked: Iterable[Where]) -> None:
-        """Revoked partitions: their next owner reads them from the last commit."""
-        for where in revoked:
-            self._waiting.pop(where, None)
+        """Revoked partitions: their next owner reads them from the last commit.
+
+        The paused ones among them are resumed before they go: librdkafka keeps a
+        partition paused across its revocation and return, so one that came back here
+        would otherwise never be read again."""
+        held = [where for where in revoked if self._waiting.pop(where, None) is not None]
+        if held:
+            self._consumer.resume([TopicPartition(topic, partition) for topic, partition in held])
 
     def next_due_in_s(self, longest_s: float) -> float:
         """How long the poll may wait before a paused partition comes due."""

@@ -34,15 +34,16 @@ from imagegen.schemas.errors import BrokerUnavailable, ImagegenError
 from imagegen.schemas.topics import (
     DLQ,
     PROCESSOR_GROUP,
-    RENDER,
-    RENDER_BATCH,
     REQUESTS,
-    WORKER_GROUP,
+    WORKER_GROUPS,
 )
 
 # The groups the pipeline's own consumers join, and the topics each one reads, so that a
 # group that has committed nothing yet still shows the backlog waiting for it.
-PIPELINE_GROUPS = {PROCESSOR_GROUP: (REQUESTS,), WORKER_GROUP: (RENDER, RENDER_BATCH)}
+PIPELINE_GROUPS = {
+    PROCESSOR_GROUP: (REQUESTS,),
+    **{group: (topic,) for topic, group in WORKER_GROUPS.items()},
+}
 
 # Only reads watermarks: it never subscribes, so it never joins or commits.
 _STATUS_GROUP = "imagegen-status"

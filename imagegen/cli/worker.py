@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +17,7 @@ from imagegen.infra.health import Health, probe_broker_and_store
 from imagegen.infra.logs import configure_logging
 from imagegen.infra.metrics import LagMonitor, serve
 from imagegen.infra.settings import load_settings
-from imagegen.schemas.topics import RENDER, RENDER_BATCH, WORKER_GROUP
+from imagegen.schemas.topics import WORKER_GROUPS
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def worker(
     configure_logging(settings, log_level)
     health = Health()
     health.readiness.wait_for("model", "loading " + ", ".join(model))
-    health.readiness.joining(WORKER_GROUP)
+    for group in WORKER_GROUPS.values():
+        health.readiness.joining(group)
     probe_broker_and_store(health.readiness, settings)
     # Before the slow model load, so that a taken port fails at once, and so that a probe
     # finds the process alive (and not ready) while it loads.
@@ -122,11 +123,8 @@ def worker(
         max_batch=max_batch, max_wait_ms=max_wait_ms, max_in_flight=max(32, 4 * max_batch)
     )
     render_worker = RenderWorker(settings, renderers, options, health=health)
-    # Lag is only worth reading where something scrapes it.
-    lag = (
-        LagMonitor(settings, WORKER_GROUP, [RENDER, RENDER_BATCH])
-        if metrics is not None
-        else nullcontext()
-    )
-    with lag:
+    with ExitStack() as lag_monitors:
+        if metrics is not None:  # lag is only worth reading where something scrapes it
+            for topic, group in WORKER_GROUPS.items():
+                lag_monitors.enter_context(LagMonitor(settings, group, [topic]))
         render_worker.run()
