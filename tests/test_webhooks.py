@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from imagegen.gateway.job_store import JobStore
+from imagegen.infra.kafka import make_consumer
 from imagegen.infra.object_store import ObjectStore
 from imagegen.infra.partitioning import partition_for
 from imagegen.infra.settings import Settings
@@ -35,7 +37,7 @@ from imagegen.schemas import (
 )
 from imagegen.schemas.events import EventType
 from imagegen.schemas.fields import utc_now
-from imagegen.schemas.topics import DLQ, EVENTS
+from imagegen.schemas.topics import DLQ, EVENTS, WEBHOOK_GROUP, WEBHOOK_RETRIES
 from imagegen.webhooks import WebhookVerificationError, verify
 from imagegen.webhooks.attempts import Attempts
 from imagegen.webhooks.deliverer import WebhookDeliverer
@@ -347,3 +349,34 @@ def test_a_user_with_too_many_in_flight_waits_alone(settings: Settings) -> None:
 def _deferred() -> float:
     deferred = {"outcome": "deferred"}
     return REGISTRY.get_sample_value("imagegen_webhook_deliveries_total", deferred) or 0.0
+
+
+def test_a_retry_waiting_through_a_rebalance_is_delivered(settings: Settings) -> None:
+    """The waiting retry's partition is paused, and librdkafka keeps a pause across a
+    partition's revocation and return."""
+    user = _user()
+    _secret(settings, user)
+    with (
+        Receiver(lambda n: "fail" if n == 1 else "ok") as receiver,
+        # Long enough for the rebalance to happen while the retry waits.
+        running_deliverer(settings, webhook_first_retry_s=12.0),
+    ):
+        produce(settings, EVENTS, [_succeeded_event(settings, _request(user, receiver.url))])
+        receiver.wait_for(1)
+        _join_and_leave(settings)
+        failed, delivered = receiver.wait_for(2, timeout_s=60)
+    assert (failed.answer, delivered.answer) == ("fail", "ok")
+
+
+def _join_and_leave(settings: Settings) -> None:
+    """Another member joins the deliverer's group, is given partitions, and leaves."""
+    assigned = threading.Event()
+    member = make_consumer(settings, WEBHOOK_GROUP)
+    member.subscribe([EVENTS, *WEBHOOK_RETRIES], on_assign=lambda *_: assigned.set())
+    deadline = time.monotonic() + 60
+    try:
+        while not assigned.is_set():
+            assert time.monotonic() < deadline, "the other member was never assigned"
+            member.poll(0.1)
+    finally:
+        member.close()
