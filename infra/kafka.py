@@ -75,9 +75,13 @@ def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> Consum
         "enable.auto.commit": True,
         "auto.offset.reset": "earliest",
         "session.timeout.ms": settings.kafka_session_timeout_ms,
-        # Several heartbeats per session, whatever the session length (the default, 3 s,
-        # would let a short session expire between two heartbeats).
-        "heartbeat.interval.ms": max(100, settings.kafka_session_timeout_ms // 3),
+        # Ten heartbeats per session, whatever the session length (the default, 3 s, would
+        # let a short session expire between two heartbeats). A member hears of a rebalance
+        # at its next heartbeat, and Tansu closes a join round after about half a session
+        # without waiting for members that have not heard yet; a member that then joins
+        # alone starts another round, which fails the others' sync (seen: a fourth worker
+        # joining three never assigned, on a busy 2-core host).
+        "heartbeat.interval.ms": max(100, settings.kafka_session_timeout_ms // 10),
         "fetch.wait.max.ms": settings.kafka_fetch_wait_ms,
         **overrides,
     }
