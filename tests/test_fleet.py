@@ -79,7 +79,12 @@ class Instance:
 
 @pytest.fixture
 def fleet(isolated_stack: Settings, tmp_path: Path) -> Iterator[list[Instance]]:
-    env = {**settings_env(isolated_stack), **LIMITS}
+    # Tansu closes a rebalance's join round after half the rebalance timeout (the worker's
+    # max.poll.interval.ms, its session here) without waiting for every member, and with
+    # the suite's 2 s session a group of three kept failing to settle on a busy 2-core
+    # host (a restarted worker never assigned in 240 s). A 6 s session gives each round
+    # 3 s; real Kafka waits for every member.
+    env = {**settings_env(isolated_stack), **LIMITS, "IMAGEGEN_KAFKA_SESSION_TIMEOUT_MS": "6000"}
     worker = ["worker", "--device", "cpu", "--model", "tiny=fixed:50ms", "--log-level", "info"]
     instances = [Instance(["processor"], env, tmp_path, f"processor-{n}") for n in range(3)]
     instances += [Instance(worker, env, tmp_path, f"worker-{n}") for n in range(3)]
