@@ -1,7 +1,7 @@
 """What the worker fetches: interactive work first, batch work only while none waits, and
 nothing more while too much is in flight.
 
-The worker reads two topics in one group: `imagegen.render` (interactive) and
+The worker reads two topics, each in its own group: `imagegen.render` (interactive) and
 `imagegen.render.batch` (batch), through a consumer each (`imagegen.consumers.clients`).
 `FetchGate`, run by the poll loop after every poll, pauses and resumes their partitions:
 - back-pressure: every partition pauses once the worker has `max_in_flight` requests in

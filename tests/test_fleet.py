@@ -38,6 +38,9 @@ LIMITS = {
     "IMAGEGEN_DEFAULT_TTL_S": "3600",
 }
 SMALL = {"width": 64, "height": 64, "steps": 2}
+#: Workers log their consumer groups' joins, so that a failed readiness wait shows where one
+#: stuck (a restarted worker's batch group, never assigned in CI; not reproduced here).
+GROUP_DEBUG = Path(__file__).with_name("cgrp_debug.py")
 
 
 @dataclass
@@ -56,7 +59,9 @@ class Instance:
         self.generation += 1
         log = self.logs / f"{self.name}-{self.generation}.log"
         env = {**self.env, "IMAGEGEN_METRICS_HOST": "127.0.0.1"}
-        self.service = Service([*self.args, "--metrics-port", str(self.port)], env, log)
+        args = [*self.args, "--metrics-port", str(self.port)]
+        launcher = GROUP_DEBUG if self.args[0] == "worker" else None
+        self.service = Service(args, env, log, launcher=launcher)
         self.service.start()
 
     def wait_ready(self) -> None:
