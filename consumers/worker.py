@@ -81,7 +81,7 @@ from imagegen.consumers.retry import RetryPolicy
 from imagegen.infra.cancel_book import CancelBook
 from imagegen.infra.health import Health
 from imagegen.infra.kafka import consume_available
-from imagegen.infra.metrics import IN_FLIGHT, RECORDS_CONSUMED
+from imagegen.infra.metrics import ASSIGNED_PARTITIONS, IN_FLIGHT, RECORDS_CONSUMED
 from imagegen.infra.settings import Settings
 from imagegen.infra.topics import ensure_topics
 from imagegen.infra.tracing import start_span
@@ -180,6 +180,8 @@ class RenderWorker:
                 on_revoke=self._on_revoke,
                 on_lost=self._on_lost,
             )
+        for topic in TOPICS:
+            ASSIGNED_PARTITIONS.labels(topic)  # served as 0 until the first assignment
         log.info("worker %s serving %s", self.worker_id, self._serving)
         while not self._stopping.is_set():
             self._health.liveness.beat("poll loop")
@@ -301,6 +303,8 @@ class RenderWorker:
         # count is in its group, idle, and ready to take over.
         self._health.readiness.joined(group)
         for tp in partitions:
+            if (tp.topic, tp.partition) not in self._epochs:
+                ASSIGNED_PARTITIONS.labels(tp.topic).inc()
             self._epochs[(tp.topic, tp.partition)] = self._next_epoch
         self._next_epoch += 1
         if self._stopping.is_set():
@@ -326,7 +330,8 @@ class RenderWorker:
     def _forget(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._trackers[tp.topic].forget([tp.partition])
-            self._epochs.pop((tp.topic, tp.partition), None)
+            if self._epochs.pop((tp.topic, tp.partition), None) is not None:
+                ASSIGNED_PARTITIONS.labels(tp.topic).dec()
 
     # ---- shutdown -------------------------------------------------------------------------
 

@@ -117,6 +117,11 @@ FLEET_START_RATE = Gauge(
     "Renders the worker fleet started per second lately, as the intake processor measures "
     "it for load shedding; 0 while none was seen (nothing is shed then).",
 )
+ASSIGNED_PARTITIONS = Gauge(
+    "imagegen_assigned_partitions",
+    "Partitions of the topic that this worker holds in its group now.",
+    ["topic"],
+)
 CONSUMER_LAG = Gauge(
     "imagegen_consumer_lag",
     "Records between a group's committed offset and the end of the partition.",
