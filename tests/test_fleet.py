@@ -43,8 +43,7 @@ LIMITS = {
 }
 SMALL = {"width": 64, "height": 64, "steps": 2}
 #: Workers log their consumer groups' joins, so that a failed readiness wait shows where one
-#: stuck. Seen with it: Tansu 0.6.0 keeps naming a group's leader after that leader left
-#: (a worker stopped mid-rebalance), so no later member's SyncGroup ever succeeds.
+#: stuck (how the Tansu bug that `wait_until_every_worker_holds_its_share` avoids was found).
 GROUP_DEBUG = Path(__file__).with_name("cgrp_debug.py")
 
 
